@@ -1,0 +1,183 @@
+"""What a teacher plugin registers: families, variants and the weight files they need.
+
+This module imports no torch, so `dd2 teachers` and `dd2 --help` stay instant. The runtime
+contract of a loaded teacher (logits, sampler, decode, backbone) lives in `dd2cli.teacher`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Mapping
+
+from .errors import MissingWeightsError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .teacher import Teacher
+
+#: Environment variable naming the folder where official weight files are looked up.
+WEIGHTS_DIR_ENV = "DD2_WEIGHTS_DIR"
+
+
+def default_weights_dir() -> Path:
+    """`$DD2_WEIGHTS_DIR`, else `~/.cache/dd2/weights`."""
+    env = os.environ.get(WEIGHTS_DIR_ENV)
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "dd2" / "weights"
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How a teacher turns logits into its sampling distribution.
+
+    `cfg` is interpreted in the family's own convention (VAR ramps `(1+t)·cond − t·uncond` with
+    `t = cfg·step/(steps−1)`; LlamaGen uses `uncond + cfg·(cond − uncond)`); `cfg <= 0` (VAR) or
+    `cfg == 1` (LlamaGen) means no guidance. `top_k = 0` and `top_p = 1.0` switch filtering off.
+    `cfg_interval < 0` means guidance at every position (LlamaGen's option; others ignore it).
+    """
+
+    cfg: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    temperature: float = 1.0
+    cfg_interval: int = -1
+
+    def with_overrides(self, **changes: Any) -> "SamplingSettings":
+        """A copy with the non-None entries of `changes` applied."""
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "cfg": self.cfg,
+            "top_k": self.top_k,
+            "top_p": self.top_p,
+            "temperature": self.temperature,
+            "cfg_interval": self.cfg_interval,
+        }
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    """Static facts about a teacher (method.md §1).
+
+    `steps[i]` is the AR step of position `i` (non-decreasing, starting at 0). Positions of the
+    same step are sampled in parallel given all earlier steps.
+    """
+
+    num_tokens: int
+    vocab_size: int
+    latent_dim: int
+    num_classes: int
+    null_class: int
+    steps: tuple[int, ...]
+    image_size: int
+    stage1: SamplingSettings = SamplingSettings()
+    target: SamplingSettings = SamplingSettings()
+    evaluation: SamplingSettings = SamplingSettings()
+    #: True when the teacher's own logits read token ids (continuous vectors are snapped to the
+    #: nearest codebook entry first); False when it reads continuous latents natively.
+    reads_ids: bool = False
+
+    def __post_init__(self) -> None:
+        if len(self.steps) != self.num_tokens:
+            raise ValueError(f"steps has {len(self.steps)} entries, expected num_tokens={self.num_tokens}")
+        if self.steps and self.steps[0] != 0:
+            raise ValueError("steps must start at 0")
+        if any(b < a or b > a + 1 for a, b in zip(self.steps, self.steps[1:])):
+            raise ValueError("steps must be non-decreasing without gaps")
+
+    @property
+    def num_steps(self) -> int:
+        return (self.steps[-1] + 1) if self.steps else 0
+
+    def step_spans(self) -> list[tuple[int, int]]:
+        """`[(begin, end), ...]` token span of every AR step."""
+        spans: list[tuple[int, int]] = []
+        begin = 0
+        for i in range(1, self.num_tokens + 1):
+            if i == self.num_tokens or self.steps[i] != self.steps[i - 1]:
+                spans.append((begin, i))
+                begin = i
+        return spans
+
+
+@dataclass(frozen=True)
+class WeightFile:
+    """One file a variant needs, e.g. the transformer or the tokenizer checkpoint."""
+
+    key: str  # short role name used on the command line: --weights var=PATH
+    filename: str  # the official file name, looked up in the weights folder
+    description: str = ""
+    url: str = ""  # where users download it (documentation only; dd2 never downloads)
+    bundled: Path | None = None  # shipped inside the plugin package (no download needed)
+
+    def locate(self, explicit: Mapping[str, str | os.PathLike] | None = None,
+               weights_dir: Path | None = None) -> Path | None:
+        """Where this file is: an explicit path, the bundled copy, or the weights folder."""
+        if explicit and self.key in explicit:
+            return Path(explicit[self.key]).expanduser()
+        if self.bundled is not None:
+            return self.bundled
+        candidate = (weights_dir or default_weights_dir()) / self.filename
+        return candidate if candidate.is_file() else None
+
+    def expected_location(self, weights_dir: Path | None = None) -> Path:
+        return self.bundled or (weights_dir or default_weights_dir()) / self.filename
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A loadable teacher, e.g. `var-d16` or `llamagen-digits`.
+
+    `loader(variant, weight_paths, device)` builds the `Teacher`; plugins import torch inside it,
+    never at registration. `distill_defaults` are nested settings (`{"stage2": {"lr": ...}}`)
+    applied over the engine's defaults before the user's config file and `--set` overrides.
+    """
+
+    name: str
+    description: str
+    loader: Callable[["Variant", Mapping[str, Path], str], "Teacher"]
+    weights: tuple[WeightFile, ...] = ()
+    image_size: int = 0
+    distill_defaults: Mapping[str, Any] = field(default_factory=dict)
+    options: Mapping[str, Any] = field(default_factory=dict)  # free-form, for the family's loader
+    family: str = ""  # filled in by the registry
+
+    def locate_weights(self, explicit: Mapping[str, str | os.PathLike] | None = None,
+                       weights_dir: Path | None = None) -> dict[str, Path | None]:
+        return {w.key: w.locate(explicit, weights_dir) for w in self.weights}
+
+    def load(self, weights: Mapping[str, str | os.PathLike] | None = None, device: str = "cpu",
+             weights_dir: Path | None = None) -> "Teacher":
+        """Find the weight files and build the teacher; missing files are a `MissingWeightsError`."""
+        unknown = set(weights or {}) - {w.key for w in self.weights}
+        if unknown:
+            valid = ", ".join(w.key for w in self.weights) or "none"
+            raise MissingWeightsError(
+                f"Teacher '{self.name}' has no weight file called '{sorted(unknown)[0]}'; "
+                f"valid names: {valid}."
+            )
+        found = self.locate_weights(weights, weights_dir)
+        for w in self.weights:
+            path = found[w.key]
+            if path is None or not path.is_file():
+                where = path if path is not None else w.expected_location(weights_dir)
+                hint = f" (download: {w.url})" if w.url else ""
+                raise MissingWeightsError(
+                    f"Teacher '{self.name}' needs {w.filename} ({w.description or w.key}) at {where}{hint}; "
+                    f"pass --weights {w.key}=PATH or put it in {weights_dir or default_weights_dir()} "
+                    f"(set ${WEIGHTS_DIR_ENV} to change that folder)."
+                )
+        return self.loader(self, {k: p for k, p in found.items() if p is not None}, device)
+
+
+@dataclass(frozen=True)
+class Family:
+    """A teacher family (one plugin may register several)."""
+
+    name: str
+    description: str
+    variants: tuple[Variant, ...]
+    plugin: str = ""  # filled in by the registry: the plugin that registered it

@@ -1,0 +1,1 @@
+"""dd2 teacher family plugin (llamagen): work in progress."""

@@ -1,0 +1,37 @@
+"""Test setup: no entry-point autoloading; the synthetic teacher is registered by fixtures only."""
+
+import os
+import sys
+from pathlib import Path
+
+# Before dd2cli.plugins is used: tests decide which plugins exist.
+os.environ["DD2_LOAD_PLUGINS"] = ""
+sys.path.insert(0, str(Path(__file__).parent))
+
+import pytest  # noqa: E402
+
+from dd2cli import plugins  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _fresh_plugins(monkeypatch):
+    """Every test starts with an empty plugin manager and registry."""
+    monkeypatch.setenv("DD2_LOAD_PLUGINS", "")
+    plugins.reset()
+    yield
+    plugins.reset()
+
+
+@pytest.fixture
+def synthetic_plugin():
+    from synthetic import SyntheticPlugin
+
+    plugins.register_plugin(SyntheticPlugin(), name="synthetic")
+    return plugins.registry()
+
+
+@pytest.fixture
+def synthetic_teacher():
+    from synthetic import SyntheticTeacher
+
+    return SyntheticTeacher().eval()
