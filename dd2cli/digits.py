@@ -1,7 +1,7 @@
 """The bundled demo domain: scikit-learn's `load_digits` (8×8, 10 classes, ships in its wheel).
 
 - `load_digits_dataset(resolution, split)`: images in `[0, 1]`, grey replicated to RGB, upsampled
-  bilinearly; a fixed seeded 80/20 train / held-out split (1,437 / 360 images).
+  bilinearly; a fixed seeded 80/20 train / held-out split (1,438 / 359 images).
 - `DigitsClassifier`: a small CNN trained by the project (`train_digits_classifier`, reproduced by
   `python examples/train_digits_classifier.py`) and shipped in `dd2cli/data/`. Its penultimate
   features are the feature space of digits-FID, precision/recall and class-consistency.

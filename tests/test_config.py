@@ -1,0 +1,81 @@
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import pytest
+
+from dd2cli.config import describe, from_dict, load_settings, parse_override, setting, to_dict
+from dd2cli.errors import ConfigError
+
+
+@dataclass
+class Inner:
+    lr: float = setting(1e-4, "learning rate")
+    steps: int = setting(100, "number of steps")
+    kind: Literal["uniform", "logit-normal"] = setting("uniform", "timestep distribution")
+
+
+@dataclass
+class Outer:
+    name: str = setting("run", "a name")
+    flag: bool = setting(False, "a switch")
+    sizes: tuple[int, ...] = setting((1, 2), "a tuple")
+    maybe: Optional[float] = setting(None, "optional")
+    stage: Inner = setting(Inner(), "nested")
+
+
+def test_defaults_file_and_overrides_merge_in_order(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('name = "from-file"\n[stage]\nlr = 3e-4\nsteps = 7\n')
+    s = load_settings(Outer, cfg, ["stage.steps=9", "stage.kind=logit-normal", "sizes=[4, 5]"],
+                      base={"flag": True, "stage": {"lr": 1.0}})
+    assert s.name == "from-file" and s.flag is True
+    assert s.stage.lr == 3e-4 and s.stage.steps == 9 and s.stage.kind == "logit-normal"
+    assert s.sizes == (4, 5)
+    assert from_dict(Outer, to_dict(s)) == s  # the saved form round-trips
+
+
+def test_int_promotes_to_float_but_not_bool_to_int():
+    assert load_settings(Outer, overrides=["stage.lr=1"]).stage.lr == 1.0
+    with pytest.raises(ConfigError, match="'stage.steps' must be int"):
+        load_settings(Outer, overrides=["stage.steps=true"])
+    with pytest.raises(ConfigError, match="'stage.steps' must be int"):
+        load_settings(Outer, overrides=["stage.steps=1.5"])
+
+
+def test_unknown_key_names_it_and_lists_valid_ones():
+    with pytest.raises(ConfigError) as exc:
+        load_settings(Outer, overrides=["stage.lrr=1"])
+    msg = str(exc.value)
+    assert "stage.lrr" in msg and "lr, steps, kind" in msg
+
+
+def test_wrong_literal_and_type_errors(tmp_path):
+    with pytest.raises(ConfigError, match="one of 'uniform' | 'logit-normal'"):
+        load_settings(Outer, overrides=["stage.kind=cosine"])
+    with pytest.raises(ConfigError, match="'stage' must be"):
+        load_settings(Outer, overrides=["stage=3"])
+    assert load_settings(Outer, overrides=["maybe=0.5"]).maybe == 0.5
+
+
+def test_malformed_toml_is_one_sentence(tmp_path):
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text("[stage\nlr = 1\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_settings(Outer, cfg)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_settings(Outer, tmp_path / "missing.toml")
+
+
+def test_parse_override_forms():
+    assert parse_override("a.b.c=2") == {"a": {"b": {"c": 2}}}
+    assert parse_override("x=hello") == {"x": "hello"}
+    assert parse_override('x="quoted"') == {"x": "quoted"}
+    for bad in ("novalue", "=3", "a..b=1"):
+        with pytest.raises(ConfigError):
+            parse_override(bad)
+
+
+def test_describe_lists_every_leaf_with_help():
+    rows = {r[0]: r for r in describe(Outer)}
+    assert set(rows) == {"name", "flag", "sizes", "maybe", "stage.lr", "stage.steps", "stage.kind"}
+    assert rows["stage.lr"][3] == "learning rate"

@@ -1,0 +1,102 @@
+import pickle
+
+import pytest
+import torch
+
+from dd2cli.errors import CheckpointMismatchError, FileFormatError
+from dd2cli.files import (check_state_dict, load_foreign_checkpoint, load_safetensors, load_state_dict_strict,
+                          read_json, save_safetensors, write_json)
+
+
+def test_safetensors_roundtrip_with_metadata(tmp_path):
+    t = {"a": torch.randn(3, 4), "b": torch.arange(5), "c": torch.randn(2).bfloat16()}
+    save_safetensors(tmp_path / "w.safetensors", t, {"step": 7})
+    back, meta = load_safetensors(tmp_path / "w.safetensors")
+    assert meta == {"step": "7"}
+    for k in t:
+        assert torch.equal(back[k], t[k])
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_truncated_and_corrupted_safetensors_are_rejected(tmp_path):
+    path = tmp_path / "w.safetensors"
+    save_safetensors(path, {"a": torch.randn(64, 64)})
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(FileFormatError, match="truncated or corrupted"):
+        load_safetensors(path)
+    flipped = bytearray(data)
+    flipped[-10] ^= 0xFF
+    path.write_bytes(bytes(flipped))
+    with pytest.raises(FileFormatError, match="corrupted"):
+        load_safetensors(path)
+    path.write_bytes(b"not a safetensors file at all")
+    with pytest.raises(FileFormatError):
+        load_safetensors(path)
+
+
+def test_atomic_write_leaves_old_file_when_interrupted(tmp_path, monkeypatch):
+    path = tmp_path / "m.json"
+    write_json(path, {"v": 1})
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("os.replace", boom)
+    with pytest.raises(KeyboardInterrupt):
+        write_json(path, {"v": 2})
+    monkeypatch.undo()
+    assert read_json(path) == {"v": 1}
+    assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_read_json_damaged(tmp_path):
+    p = tmp_path / "x.json"
+    p.write_text("{oops")
+    with pytest.raises(FileFormatError, match="not valid JSON"):
+        read_json(p)
+
+
+def test_foreign_checkpoint_unwrap_and_weights_only(tmp_path):
+    sd = {"w": torch.randn(2, 2), "b": torch.zeros(2)}
+    torch.save({"model": sd, "steps": 5}, tmp_path / "wrapped.pt")
+    torch.save(sd, tmp_path / "bare.pth")
+    assert set(load_foreign_checkpoint(tmp_path / "wrapped.pt")) == {"w", "b"}
+    assert set(load_foreign_checkpoint(tmp_path / "bare.pth", unwrap=())) == {"w", "b"}
+    with pytest.raises(FileFormatError, match="not a flat state dict"):
+        load_foreign_checkpoint(tmp_path / "wrapped.pt", unwrap=())
+
+
+class Evil:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def test_pickle_that_is_not_plain_weights_is_refused(tmp_path, capsys):
+    path = tmp_path / "evil.pth"
+    with open(path, "wb") as fh:
+        pickle.dump({"w": Evil()}, fh)
+    with pytest.raises(FileFormatError, match="not a plain-weights"):
+        load_foreign_checkpoint(path)
+    assert "must never run" not in capsys.readouterr().out
+    torch.save({"model": {"w": torch.ones(1)}, "obj": Evil()}, tmp_path / "evil2.pt")
+    with pytest.raises(FileFormatError, match="not a plain-weights"):
+        load_foreign_checkpoint(tmp_path / "evil2.pt")
+    (tmp_path / "trunc.pth").write_bytes(b"PK\x03\x04garbage")
+    with pytest.raises(FileFormatError):
+        load_foreign_checkpoint(tmp_path / "trunc.pth")
+
+
+def test_strict_matching_names_the_first_bad_key():
+    m = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 1))
+    sd = m.state_dict()
+    load_state_dict_strict(m, dict(sd), variant="toy")
+    missing = {k: v for k, v in sd.items() if k != "1.bias"}
+    with pytest.raises(CheckpointMismatchError, match=r"'1\.bias' is missing.*toy"):
+        check_state_dict(m, missing, variant="toy")
+    with pytest.raises(CheckpointMismatchError, match=r"Unexpected key 'extra'"):
+        check_state_dict(m, {**sd, "extra": torch.ones(1)}, variant="toy")
+    bad = dict(sd)
+    bad["0.weight"] = torch.ones(4, 2)
+    with pytest.raises(CheckpointMismatchError, match=r"'0\.weight'.*\(4, 2\).*\(3, 2\)"):
+        check_state_dict(m, bad, variant="toy")
