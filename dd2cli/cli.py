@@ -182,6 +182,96 @@ def inspect(
     console.print(table)
 
 
+class _RichProgress:
+    """Live display of a training stage: step/total, losses, it/s, ETA (rich)."""
+
+    def __init__(self) -> None:
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                   TimeRemainingColumn)
+
+        self._p = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                           TextColumn("{task.fields[metrics]}"), TextColumn("{task.fields[speed]}"),
+                           TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console,
+                           transient=False)
+        self._task = None
+
+    def start(self, stage: str, total: int, completed: int) -> None:
+        self._p.start()
+        self._task = self._p.add_task(stage, total=total, completed=completed, metrics="", speed="")
+
+    def update(self, completed: int, metrics) -> None:
+        shown = "  ".join(f"{k[5:] if k.startswith('loss_') else k} {v:.4g}" for k, v in metrics.items()
+                          if k.startswith("loss_"))
+        self._p.update(self._task, completed=completed, metrics=shown, speed=f"{metrics.get('it_s', 0):.2f} it/s")
+
+    def stop(self) -> None:
+        self._p.stop()
+
+    def message(self, text: str) -> None:
+        console.print(text, highlight=False)
+
+
+def _parse_weights(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise DD2Error(f"--weights '{item}' is not of the form KEY=PATH (e.g. --weights var=var_d16.pth).")
+        key, path = item.split("=", 1)
+        out[key.strip()] = path.strip()
+    return out
+
+
+@app.command()
+@handle_errors
+def distill(
+    teacher: Optional[str] = typer.Option(None, "--teacher", "-t",
+                                          help="Teacher variant to distil (see 'dd2 teachers'); default var-digits."),
+    weights: list[str] = typer.Option([], "--weights", help="KEY=PATH of a weight file the variant needs "
+                                      "(repeatable), e.g. --weights var=var_d16.pth --weights vae=vae.pth."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="TOML file of settings (see --list-settings)."),
+    set_: list[str] = typer.Option([], "--set", help="Override one setting, e.g. --set stage2.lr=1e-5 (repeatable)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="New run directory (default: a new folder under "
+                                       "$DD2_RUNS_DIR or ./runs, printed)."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this directory from its last "
+                                          "complete checkpoint."),
+    stage: str = typer.Option("all", "--stage", help="1 (GTS initialisation only), 2 (CSD only; needs --resume of "
+                              "a run whose stage 1 is done) or all."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N (default: the setting, auto)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Base random seed (default: the setting, 0)."),
+    list_settings: bool = typer.Option(False, "--list-settings", help="Print every setting with its default and "
+                                       "meaning, then exit."),
+) -> None:
+    """Distil a teacher into a one-step generator: stage 1 (GTS init) then stage 2 (CSD). Resumable.
+
+    Runs data-parallel under torchrun: torchrun --nproc_per_node N -m dd2cli distill ...
+    """
+    from .distill import DistillRequest, run
+
+    if list_settings:
+        from .config import describe
+        from .settings import DistillSettings
+
+        table = Table(title="dd2 distill settings (--set KEY=VALUE, or in a TOML file)")
+        for col in ("key", "type", "default", "meaning"):
+            table.add_column(col, overflow="fold")
+        for key, tp, default, help_ in describe(DistillSettings):
+            table.add_row(key, tp, repr(default), help_)
+        console.print(table)
+        return
+    req = DistillRequest(teacher=teacher, weights=_parse_weights(weights), config=config, overrides=tuple(set_),
+                         out=out, resume=resume, stage=stage, device=device, seed=seed)
+    progress = _RichProgress() if not state.quiet else None
+
+    def ready(run_dir: Path, info: dict) -> None:
+        if not state.quiet:
+            console.print(f"Run directory: [bold]{run_dir}[/bold] (teacher {info['teacher']})", highlight=False)
+
+    result = run(req, progress=progress, on_ready=ready)
+    console.print(f"Done: {result.run_dir}", highlight=False)
+    if result.grid is not None:
+        console.print(f"Sample grid: {result.grid}", highlight=False)
+
+
 def main() -> None:
     app(prog_name="dd2")
 

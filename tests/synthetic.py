@@ -101,7 +101,10 @@ class SyntheticTeacher(Teacher):
             tables.append(logits)
         for i, t in enumerate(tables):
             self.register_buffer(f"table_{i}", t)
-        self._backbone_template = SyntheticBackbone(n, d, num_classes, tuple(steps), backbone_width, backbone_depth)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)  # the backbone "weights" are part of the teacher: same in every process
+            self._backbone_template = SyntheticBackbone(n, d, num_classes, tuple(steps), backbone_width,
+                                                        backbone_depth)
         self.register_buffer("pixel_proj", torch.randn(n * d, 3 * image_size * image_size, generator=g) / math.sqrt(n * d))
 
     # ---- contract ----

@@ -1,0 +1,559 @@
+"""The DD2 training engine: stage 1 (GTS initialisation) and stage 2 (CSD), resumable.
+
+`run(request)` is what `dd2 distill` calls; everything here is usable without the CLI. The loops
+are written out top to bottom with numbered steps; the losses live in `losses.py`, the networks in
+`networks.py`, files in `checkpoint.py`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import datetime as _dt
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Optional
+
+import torch
+
+from . import __version__
+from .checkpoint import (Checkpoint, append_metrics, check_new_run_dir, final_stage1_checkpoint, latest_checkpoint,
+                         mark_final, save_checkpoint, truncate_metrics)
+from .config import deep_merge, from_dict, load_settings, parse_override, to_dict
+from .distributed import (DistInfo, average_gradients, average_scalar, barrier, broadcast_module, cleanup,
+                          init_from_env)
+from .errors import ConfigError, DD2Error
+from .files import load_safetensors, read_json, save_safetensors, write_json
+from .heads import MLPHead
+from .images import save_grid
+from .losses import TimestepSpec, csd_loss, fcs_loss, gts_loss
+from .networks import ARDiffusion, Generator, ema_update, progressive_ema_decay
+from .settings import DistillSettings
+from .teacher import Teacher
+from .teachers import SamplingSettings
+
+RUNS_DIR_ENV = "DD2_RUNS_DIR"
+
+
+def default_runs_dir() -> Path:
+    return Path(os.environ.get(RUNS_DIR_ENV, "runs"))
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise DD2Error(f"Device '{name}' was requested but CUDA is not available; use --device cpu.")
+    return name
+
+
+# ---- progress reporting (the CLI plugs a rich display in here) -------------------------------------
+
+class Progress:
+    """No-op progress sink; `dd2cli.cli` supplies a rich live display."""
+
+    def start(self, stage: str, total: int, completed: int) -> None: ...
+    def update(self, completed: int, metrics: Mapping[str, float]) -> None: ...
+    def stop(self) -> None: ...
+    def message(self, text: str) -> None: ...
+
+
+# ---- request and result ---------------------------------------------------------------------------
+
+@dataclass
+class DistillRequest:
+    teacher: Optional[str] = None
+    weights: Mapping[str, str] = field(default_factory=dict)
+    config: Optional[Path] = None
+    overrides: tuple[str, ...] = ()
+    out: Optional[Path] = None
+    resume: Optional[Path] = None
+    stage: str = "all"  # "1", "2" or "all"
+    device: Optional[str] = None
+    seed: Optional[int] = None
+
+
+@dataclass
+class DistillResult:
+    run_dir: Path
+    teacher: str
+    stage1_step: int = 0
+    stage2_step: int = 0
+    grid: Optional[Path] = None
+    generator: Optional[Any] = None  # the EMA generator (a `Generator` module) after stage 2
+
+
+# ---- the run ---------------------------------------------------------------------------------------
+
+class _Run:
+    """State shared by both stages of one distillation run."""
+
+    def __init__(self, run_dir: Path, settings: DistillSettings, teacher: Teacher, variant: str, dist: DistInfo,
+                 device: str, progress: Progress) -> None:
+        self.run_dir, self.settings, self.teacher, self.variant = run_dir, settings, teacher, variant
+        self.dist, self.device, self.progress = dist, device, progress
+        self.spec = teacher.spec
+        self.target = settings.target.apply(self.spec.target)
+        self.data_sampling = settings.stage1.sampling.apply(self.spec.stage1)
+        # separate generators: data (what the teacher draws) and training noise, both checkpointed
+        seed = settings.seed + 1000 * dist.rank
+        self.gen_data = torch.Generator(device=device).manual_seed(seed)
+        self.gen_train = torch.Generator(device=device).manual_seed(seed + 1)
+
+    # -- helpers --
+    def autocast(self):
+        if self.settings.precision == "bf16" and self.device.startswith("cuda"):
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def per_rank(self, global_batch: int) -> int:
+        if global_batch % self.dist.world_size:
+            raise ConfigError(f"Batch size {global_batch} does not split evenly over {self.dist.world_size} ranks; "
+                              f"use a multiple of {self.dist.world_size}.")
+        return global_batch // self.dist.world_size
+
+    def rng_state(self) -> dict[str, torch.Tensor]:
+        state = {"data": self.gen_data.get_state(), "train": self.gen_train.get_state(), "torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state()
+        return state
+
+    def restore_rng(self, state: Mapping[str, torch.Tensor]) -> None:
+        self.gen_data.set_state(state["data"])
+        self.gen_train.set_state(state["train"])
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["cuda"])
+
+    def new_model(self) -> ARDiffusion:
+        backbone = self.teacher.new_backbone().to(self.device)
+        h = self.settings.head
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.settings.seed)  # the same fresh head on every rank and every resume
+            head = MLPHead(self.spec.latent_dim, backbone.feature_dim, h.width, h.depth, h.mlp_ratio)
+        return ARDiffusion(backbone, head.to(self.device)).eval()
+
+    def labels(self, n: int) -> torch.Tensor:
+        return torch.randint(0, self.spec.num_classes, (n,), generator=self.gen_data, device=self.device)
+
+    def log(self, stage: int, step: int, metrics: Mapping[str, float]) -> None:
+        if self.dist.is_main:
+            append_metrics(self.run_dir, {"stage": stage, "step": step, "time": round(time.time(), 3), **metrics})
+
+    def checkpoint(self, stage: int, step: int, modules, optimizers, state) -> Path | None:
+        path = None
+        if self.dist.is_main:
+            path = save_checkpoint(self.run_dir, stage, step, modules, optimizers, state, self.rng_state(),
+                                   keep=self.settings.run.keep_checkpoints)
+        barrier(self.dist)
+        return path
+
+    def check_finite(self, stage: int, step: int, **losses: float) -> None:
+        for name, value in losses.items():
+            if not math.isfinite(value):
+                last = latest_checkpoint(self.run_dir)
+                where = f"the last good checkpoint is {last.path}" if last else "no checkpoint was written yet"
+                raise DD2Error(f"The {name} loss became {value} at stage {stage} step {step}; {where} "
+                               f"(resume it with a lower learning rate, e.g. --set stage{stage}.lr=...).")
+
+    def grid(self, generator_net: Generator, name: str) -> Path | None:
+        """One row per class (up to 10), `grid_per_class` samples each, fixed noise."""
+        if not self.dist.is_main:
+            return None
+        per = self.settings.run.grid_per_class
+        ncls = min(self.spec.num_classes, 10)
+        labels = torch.arange(ncls, device=self.device).repeat_interleave(per)
+        g = torch.Generator(device=self.device).manual_seed(12345)
+        eps = torch.randn(len(labels), self.spec.num_tokens, self.spec.latent_dim, generator=g, device=self.device)
+        with torch.no_grad(), self.autocast():
+            q = generator_net(eps, labels).float()
+            images = self.teacher.decode(self.teacher.as_tokens(q))
+        path = self.run_dir / "samples" / f"{name}.png"
+        save_grid(path, images, ncol=per)
+        return path
+
+
+def _lr_at(step: int, base: float, warmup: int, start: float = 1e-6) -> float:
+    if warmup <= 0 or step >= warmup:
+        return base
+    return start + (base - start) * (step + 1) / warmup
+
+
+def _set_lr(opt: torch.optim.Optimizer, lrs: Mapping[str, float] | float) -> None:
+    for group in opt.param_groups:
+        group["lr"] = lrs if isinstance(lrs, float) else lrs[group["name"]]
+
+
+def _clip(params, max_norm: float) -> float:
+    params = [p for p in params if p.grad is not None]
+    if max_norm > 0:
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    return float(torch.norm(torch.stack([p.grad.norm() for p in params]))) if params else 0.0
+
+
+# ---- stage-1 data ----------------------------------------------------------------------------------
+
+def _token_batches(run: _Run, batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Token sequences for stage 1: fresh teacher samples, cached teacher shards, or a dataset file."""
+    s1 = run.settings.stage1
+    if s1.data != "teacher":
+        tokens, labels = _load_token_dataset(Path(s1.data), run)
+        while True:
+            idx = torch.randint(0, len(labels), (batch,), generator=run.gen_data, device=run.device)
+            yield tokens[idx], labels[idx]
+    if s1.cache_sequences > 0:
+        tokens, labels = _teacher_shards(run, s1.cache_sequences)
+        while True:
+            idx = torch.randint(0, len(labels), (batch,), generator=run.gen_data, device=run.device)
+            yield tokens[idx], labels[idx]
+    while True:
+        labels = run.labels(batch)
+        with torch.no_grad():
+            tokens = run.teacher.sample(labels, run.data_sampling, generator=run.gen_data)
+        yield tokens, labels
+
+
+def _load_token_dataset(path: Path, run: _Run) -> tuple[torch.Tensor, torch.Tensor]:
+    tensors, _ = load_safetensors(path)
+    if "tokens" not in tensors or "labels" not in tensors:
+        raise DD2Error(f"Token dataset {path} must hold 'tokens' (N, n) and 'labels' (N,); it has "
+                       f"{', '.join(sorted(tensors)) or 'nothing'}.")
+    tokens, labels = tensors["tokens"].long(), tensors["labels"].long()
+    n, V = run.spec.num_tokens, run.spec.vocab_size
+    if tokens.ndim != 2 or tokens.shape[1] != n or len(labels) != len(tokens):
+        raise DD2Error(f"Token dataset {path} has tokens {tuple(tokens.shape)} and labels {tuple(labels.shape)}; "
+                       f"teacher '{run.variant}' needs (N, {n}) and (N,).")
+    if int(tokens.min()) < 0 or int(tokens.max()) >= V or int(labels.min()) < 0 or \
+            int(labels.max()) >= run.spec.num_classes:
+        raise DD2Error(f"Token dataset {path} has ids outside the teacher's vocabulary ({V}) or classes "
+                       f"({run.spec.num_classes}).")
+    return tokens.to(run.device), labels.to(run.device)
+
+
+def _teacher_shards(run: _Run, total: int, shard_size: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw `total` teacher sequences once into `data/shard-*.safetensors` (complete shards are reused)."""
+    folder = run.run_dir / "data"
+    tokens, labels = [], []
+    g = torch.Generator(device=run.device).manual_seed(run.settings.seed + 777)
+    for i, start in enumerate(range(0, total, shard_size)):
+        path = folder / f"shard-{i:05d}.safetensors"
+        count = min(shard_size, total - start)
+        if path.is_file():
+            t, _ = load_safetensors(path)
+            g.set_state(t["generator_state_after"])
+        else:
+            lab = torch.randint(0, run.spec.num_classes, (count,), generator=g, device=run.device)
+            with torch.no_grad():
+                tok = torch.cat([run.teacher.sample(lab[s:s + 256], run.data_sampling, generator=g)
+                                 for s in range(0, count, 256)])
+            t = {"tokens": tok.cpu(), "labels": lab.cpu(), "generator_state_after": g.get_state()}
+            if run.dist.is_main:
+                save_safetensors(path, t, {"sampling": str(run.data_sampling.as_dict())})
+            run.progress.message(f"token shard {i + 1}: {count} teacher sequences")
+        tokens.append(t["tokens"])
+        labels.append(t["labels"])
+    return torch.cat(tokens).to(run.device), torch.cat(labels).to(run.device)
+
+
+# ---- stage 1 ---------------------------------------------------------------------------------------
+
+def _stage1(run: _Run, ckpt: Checkpoint | None) -> ARDiffusion:
+    s1 = run.settings.stage1
+    model = run.new_model()
+    broadcast_module(model, run.dist)
+    head_params = list(model.head.parameters())
+    backbone_params = list(model.backbone.parameters())
+    opt = torch.optim.AdamW([{"params": head_params, "lr": s1.lr, "name": "head"},
+                             {"params": backbone_params, "lr": s1.backbone_lr, "name": "backbone"}],
+                            betas=(0.9, 0.95), weight_decay=s1.weight_decay)
+    start = 0
+    if ckpt is not None:
+        ckpt.load_module("model", model)
+        ckpt.load_optimizer("model", opt)
+        run.restore_rng(ckpt.rng())
+        start = ckpt.step
+    if start >= s1.steps:
+        return model
+    batches = _token_batches(run, run.per_rank(s1.batch_size))
+    timesteps = TimestepSpec(**to_dict(s1.timesteps))
+    run.progress.start("stage 1 (GTS)", s1.steps, start)
+    t0, done = time.perf_counter(), 0
+    for step in range(start, s1.steps):
+        # 0. schedule: head only first (backbone frozen), then everything
+        backbone_trains = step >= s1.head_only_steps
+        model.backbone.requires_grad_(backbone_trains)
+        _set_lr(opt, {"head": _lr_at(step, s1.lr, s1.warmup_steps),
+                      "backbone": _lr_at(step - s1.head_only_steps, s1.backbone_lr, s1.warmup_steps)
+                      if backbone_trains else 0.0})
+        # 1. a batch of teacher token sequences
+        tokens, labels = next(batches)
+        # 2. GTS loss: closed-form teacher velocity as the regression target
+        with run.autocast():
+            loss = gts_loss(model, run.teacher, tokens, labels, target_settings=run.target, draws=s1.noise_draws,
+                            timesteps=timesteps, generator=run.gen_train, chunk_size=run.settings.score.chunk_size,
+                            support=run.settings.score.support)
+        # 3. update
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        average_gradients(model.parameters(), run.dist)
+        grad_norm = _clip(model.parameters(), s1.grad_clip)
+        opt.step()
+        loss_value = average_scalar(loss.item(), run.dist)
+        run.check_finite(1, step + 1, gts=loss_value)
+        done += 1
+        metrics = {"loss_gts": loss_value, "grad_norm": grad_norm, "lr": opt.param_groups[0]["lr"],
+                   "it_s": done / (time.perf_counter() - t0)}
+        run.progress.update(step + 1, metrics)
+        if (step + 1) % run.settings.run.log_every == 0 or step + 1 == s1.steps:
+            run.log(1, step + 1, metrics)
+        if (step + 1) % run.settings.run.checkpoint_every == 0 and step + 1 < s1.steps:
+            run.checkpoint(1, step + 1, {"model": model}, {"model": opt}, {})
+    run.progress.stop()
+    path = run.checkpoint(1, s1.steps, {"model": model}, {"model": opt}, {})
+    if path is not None:
+        mark_final(path)
+    return model
+
+
+# ---- stage 2 ---------------------------------------------------------------------------------------
+
+def _init_from(run: _Run, psi0: ARDiffusion, how: str) -> ARDiffusion:
+    if how == "ar-diffusion":
+        return copy.deepcopy(psi0)
+    fresh = run.new_model()  # the teacher's backbone and a new head: no GTS tuning (ablation)
+    return fresh
+
+
+def _stage2(run: _Run, psi0: ARDiffusion, ckpt: Checkpoint | None) -> tuple[Generator, int, Path | None]:
+    s2 = run.settings.stage2
+    guidance = _init_from(run, psi0, s2.init_guidance)
+    gen = Generator(_init_from(run, psi0, s2.init_generator)).eval()
+    ema = copy.deepcopy(gen).requires_grad_(False)
+    opt_g = torch.optim.Adam([{"params": list(gen.parameters()), "name": "g"}], lr=1e-6, betas=(0.9, 0.95))
+    opt_psi = torch.optim.Adam([{"params": list(guidance.parameters()), "name": "psi"}], lr=s2.guidance_lr,
+                               betas=(0.9, 0.95))
+    start, aligned = 0, False
+    if ckpt is not None and ckpt.stage == 2:
+        ckpt.load_module("generator", gen)
+        ckpt.load_module("ema", ema)
+        ckpt.load_module("guidance", guidance)
+        ckpt.load_optimizer("generator", opt_g)
+        ckpt.load_optimizer("guidance", opt_psi)
+        run.restore_rng(ckpt.rng())
+        start, aligned = ckpt.step, bool(ckpt.state.get("aligned", False))
+    batch = run.per_rank(s2.batch_size)
+    timesteps = TimestepSpec(**to_dict(s2.timesteps))
+    n, d = run.spec.num_tokens, run.spec.latent_dim
+    score_kw = {"chunk_size": run.settings.score.chunk_size, "support": run.settings.score.support}
+    teacher = _SnappingTeacher(run.teacher) if s2.snap_prefix else run.teacher
+
+    def noise() -> torch.Tensor:
+        return torch.randn(batch, n, d, generator=run.gen_train, device=run.device)
+
+    def guidance_update() -> float:
+        labels = run.labels(batch)
+        with torch.no_grad(), run.autocast():
+            q = gen(noise(), labels).float()
+        with run.autocast():
+            loss = fcs_loss(guidance, q, labels, draws=s2.guidance_draws, timesteps=timesteps, generator=run.gen_train)
+        opt_psi.zero_grad(set_to_none=True)
+        loss.backward()
+        average_gradients(guidance.parameters(), run.dist)
+        _clip(guidance.parameters(), s2.grad_clip)
+        opt_psi.step()
+        return average_scalar(loss.item(), run.dist)
+
+    def state() -> dict:
+        return {"aligned": aligned}
+
+    modules = {"generator": gen, "ema": ema, "guidance": guidance}
+    optimizers = {"generator": opt_g, "guidance": opt_psi}
+    grid_path = None
+    run.progress.start("stage 2 (CSD)", s2.steps, start)
+    t0, done = time.perf_counter(), 0
+    for it in range(start, s2.steps):
+        # 0. performance alignment: generator ← EMA, then guidance-only updates
+        if s2.align_at and it == s2.align_at and not aligned:
+            gen.load_state_dict(ema.state_dict())
+            run.progress.message(f"performance alignment: generator ← EMA, {s2.align_steps} guidance updates")
+            for _ in range(s2.align_steps):
+                guidance_update()
+            aligned = True
+        # 1. K guidance updates on fresh generator samples
+        loss_psi = float("nan")
+        for _ in range(s2.guidance_updates):
+            loss_psi = guidance_update()
+        # 2. one generator update (guidance frozen)
+        _set_lr(opt_g, _lr_at(it, s2.lr, s2.warmup_steps))
+        guidance.requires_grad_(False)
+        labels = run.labels(batch)
+        with run.autocast():
+            out = csd_loss(gen, guidance, teacher, noise(), labels, target_settings=run.target, alpha=s2.alpha,
+                           timesteps=timesteps, weighting=s2.weighting, generator=run.gen_train, **score_kw)
+        opt_g.zero_grad(set_to_none=True)
+        out.loss.backward()
+        guidance.requires_grad_(True)
+        average_gradients(gen.parameters(), run.dist)
+        grad_norm = _clip(gen.parameters(), s2.grad_clip)
+        opt_g.step()
+        # 3. progressive EMA
+        ema_update(ema, gen, progressive_ema_decay(it, s2.ema_max))
+        loss_g = average_scalar(out.loss.item(), run.dist)
+        run.check_finite(2, it + 1, csd=loss_g, guidance=loss_psi)
+        done += 1
+        metrics = {"loss_csd": loss_g, "loss_fcs": loss_psi, "score_gap": average_scalar(out.score_gap, run.dist),
+                   "grad_norm": grad_norm, "lr": opt_g.param_groups[0]["lr"],
+                   "it_s": done / (time.perf_counter() - t0)}
+        run.progress.update(it + 1, metrics)
+        if (it + 1) % run.settings.run.log_every == 0 or it + 1 == s2.steps:
+            run.log(2, it + 1, metrics)
+        if run.settings.run.sample_every and (it + 1) % run.settings.run.sample_every == 0:
+            grid_path = run.grid(ema, f"stage2-{it + 1:07d}") or grid_path
+        if (it + 1) % run.settings.run.checkpoint_every == 0 and it + 1 < s2.steps:
+            run.checkpoint(2, it + 1, modules, optimizers, state())
+    run.progress.stop()
+    if start < s2.steps or ckpt is None or ckpt.stage != 2:
+        run.checkpoint(2, s2.steps, modules, optimizers, state())
+    grid_path = run.grid(ema, "final") or grid_path
+    return ema, s2.steps, grid_path
+
+
+class _SnappingTeacher:
+    """Presents nearest-codebook ids of `q` to the teacher (`stage2.snap_prefix`)."""
+
+    def __init__(self, teacher: Teacher) -> None:
+        self._t = teacher
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._t, name)
+
+    def sampling_logits(self, x_BN, labels_B, settings):
+        return self._t.sampling_logits(self._t.as_tokens(x_BN), labels_B, settings)
+
+
+# ---- entry point -----------------------------------------------------------------------------------
+
+def _new_run_dir(teacher: str) -> Path:
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = default_runs_dir() / f"{teacher}-{stamp}"
+    path, i = base, 1
+    while path.exists():
+        path = base.with_name(f"{base.name}-{i}")
+        i += 1
+    return path
+
+
+def prepare(req: DistillRequest) -> tuple[Path, dict, DistillSettings]:
+    """Resolve the run directory, the teacher and the settings; write `config.json` for a new run."""
+    from .plugins import get_variant
+
+    if req.stage not in ("1", "2", "all"):
+        raise DD2Error(f"--stage must be 1, 2 or all, not '{req.stage}'.")
+    if req.resume is not None:
+        run_dir = Path(req.resume)
+        if req.out is not None and Path(req.out).resolve() != run_dir.resolve():
+            raise DD2Error("Give either --out (a new run) or --resume (an existing run), not both.")
+        if not (run_dir / "config.json").is_file():
+            raise DD2Error(f"{run_dir} is not a dd2 distillation run (no config.json); check the path.")
+        saved = read_json(run_dir / "config.json")
+        if req.teacher is not None and req.teacher != saved["teacher"]:
+            raise DD2Error(f"Run {run_dir} distils teacher '{saved['teacher']}', not '{req.teacher}'; resume it "
+                           f"without --teacher or start a new run with --out.")
+        if req.config is not None:
+            raise DD2Error("--config cannot change a run being resumed; use --set for individual keys.")
+        data = saved["settings"]
+        for text in req.overrides:
+            data = deep_merge(data, parse_override(text))
+        if req.seed is not None:
+            data = deep_merge(data, {"seed": req.seed})
+        if req.device is not None:
+            data = deep_merge(data, {"device": req.device})
+        settings = from_dict(DistillSettings, data)
+        info = {**saved, "settings": to_dict(settings)}
+        if req.weights:
+            info["weights"] = {**saved.get("weights", {}), **{k: str(v) for k, v in req.weights.items()}}
+        return run_dir, info, settings
+    name = req.teacher or "var-digits"
+    variant = get_variant(name)
+    base: dict = dict(variant.distill_defaults)
+    if req.seed is not None:
+        base["seed"] = req.seed
+    settings = load_settings(DistillSettings, req.config, req.overrides, base=base)
+    if req.device is not None:
+        settings.device = req.device
+    if req.stage == "2":
+        raise DD2Error("--stage 2 needs the stage-1 result of an existing run; use it with --resume RUN_DIR.")
+    run_dir = Path(req.out) if req.out is not None else _new_run_dir(variant.name)
+    check_new_run_dir(run_dir)
+    info = {"dd2_version": __version__, "teacher": variant.name, "family": variant.family,
+            "weights": {k: str(v) for k, v in req.weights.items()}, "settings": to_dict(settings)}
+    return run_dir, info, settings
+
+
+def run(req: DistillRequest, progress: Progress | None = None,
+        on_ready: Callable[[Path, dict], None] | None = None) -> DistillResult:
+    """Run (or resume) a distillation; returns where the results are."""
+    from .plugins import get_variant
+
+    progress = progress or Progress()
+    run_dir, info, settings = prepare(req)
+    torch.manual_seed(settings.seed)  # for anything inside torch that draws from the global generator
+    device = resolve_device(settings.device)
+    dist = init_from_env(device)
+    if dist.enabled and device.startswith("cuda"):
+        device = f"cuda:{dist.local_rank}"
+        torch.cuda.set_device(device)
+    try:
+        variant = get_variant(info["teacher"])
+        teacher = variant.load(info.get("weights") or None, device=device).eval().requires_grad_(False)
+        info["teacher_identity"] = teacher.identity()
+        if dist.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            write_json(run_dir / "config.json", info)
+        barrier(dist)
+        if on_ready is not None:
+            on_ready(run_dir, info)
+        r = _Run(run_dir, settings, teacher, variant.name, dist, device, progress)
+        ckpt = latest_checkpoint(run_dir)
+        if ckpt is not None and dist.is_main:
+            truncate_metrics(run_dir, ckpt.stage, ckpt.step)
+            progress.message(f"resuming from {ckpt.path.name}")
+        result = DistillResult(run_dir=run_dir, teacher=variant.name)
+        # stage 1 (skipped when a later checkpoint exists)
+        if ckpt is None or ckpt.stage == 1:
+            psi0 = _stage1(r, ckpt)
+        else:
+            final1 = final_stage1_checkpoint(run_dir)
+            psi0 = r.new_model()
+            if final1 is not None:
+                final1.load_module("model", psi0)
+        result.stage1_step = settings.stage1.steps
+        if req.stage == "1":
+            return result
+        if req.stage == "2" and final_stage1_checkpoint(run_dir) is None:
+            raise DD2Error(f"Run {run_dir} has no finished stage 1; run it first (--stage 1 or all).")
+        ckpt2 = ckpt if ckpt is not None and ckpt.stage == 2 else None
+        result.generator, result.stage2_step, result.grid = _stage2(r, psi0, ckpt2)
+        return result
+    finally:
+        cleanup(dist)
+
+
+def load_generator_from_run(run_dir: Path, device: str = "cpu", which: str = "ema") -> tuple[Generator, Teacher, dict]:
+    """The trained generator (EMA weights by default) and its teacher, from a run directory."""
+    from .plugins import get_variant
+
+    run_dir = Path(run_dir)
+    info = read_json(run_dir / "config.json")
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None or ckpt.stage != 2:
+        raise DD2Error(f"Run {run_dir} has no stage-2 checkpoint yet; finish 'dd2 distill' first.")
+    settings = from_dict(DistillSettings, info["settings"])
+    teacher = get_variant(info["teacher"]).load(info.get("weights") or None, device=device).eval().requires_grad_(False)
+    r = _Run(run_dir, settings, teacher, info["teacher"], DistInfo(), device, Progress())
+    gen = Generator(r.new_model()).eval()
+    ckpt.load_module(which if which != "raw" else "generator", gen)
+    return gen.requires_grad_(False), teacher, info

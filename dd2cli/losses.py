@@ -1,0 +1,128 @@
+"""The three DD2 losses (method.md §4–§5), each readable top to bottom.
+
+- `gts_loss`: stage 1, AR-diffusion tuning against the closed-form teacher velocity.
+- `fcs_loss`: stage 2, guidance update (the generator's conditional score by flow matching).
+- `csd_loss`: stage 2, generator update (conditional score distillation, SiD form with α).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from . import flow
+from .networks import ARDiffusion, Generator
+from .teacher import Teacher
+from .teachers import SamplingSettings
+
+
+@dataclass(frozen=True)
+class TimestepSpec:
+    kind: str = "uniform"
+    t_min: float = flow.DEFAULT_T_MIN
+    mean: float = 0.0
+    std: float = 1.0
+
+    def sample(self, shape, generator, device) -> Tensor:
+        return flow.sample_timesteps(shape, self.kind, t_min=self.t_min, mean=self.mean, std=self.std,
+                                     generator=generator, device=device)
+
+
+def teacher_probs(teacher: Teacher, x_BN: Tensor, labels_B: Tensor, settings: SamplingSettings,
+                  support: int = 0) -> Tensor | flow.SparseProbs:
+    """`p_i` of the teacher given `x` (ids or latents) under stop-gradient.
+
+    With `support > 0` and a top-k ≤ support in `settings`, returns the top-k support only
+    (`SparseProbs`), so the closed-form score never touches `(B, n, V)` beyond the logits.
+    """
+    with torch.no_grad():
+        logits_BNV = teacher.sampling_logits(x_BN.detach(), labels_B, settings)
+        if support and 0 < settings.top_k <= support:
+            return flow.SparseProbs.from_logits(logits_BNV, settings.top_k)
+        return torch.softmax(logits_BNV, dim=-1)
+
+
+def _draws(B: int, N: int, m: int, d: int, timesteps: TimestepSpec, generator, device) -> tuple[Tensor, Tensor]:
+    t_BNm = timesteps.sample((B, N, m), generator, device)
+    eps_BNmd = torch.randn(B, N, m, d, generator=generator, device=device)
+    return t_BNm, eps_BNmd
+
+
+def gts_loss(model: ARDiffusion, teacher: Teacher, tokens_BN: Tensor, labels_B: Tensor, *,
+             target_settings: SamplingSettings, draws: int, timesteps: TimestepSpec,
+             generator: torch.Generator | None = None, chunk_size: int = 4096, support: int = 0) -> Tensor:
+    """Ground-truth-score loss: `mean ‖v_ψ(x, t, f_i(q)) − v_teacher(x, t; p_i)‖²` over `draws` per position."""
+    codebook_Vd = teacher.codebook()
+    B, N = tokens_BN.shape
+    d = codebook_Vd.shape[1]
+    # 1. one backbone pass on the clean sequence
+    c_BNd = codebook_Vd[tokens_BN]
+    f_BNC = model.features(c_BNd, labels_B)
+    # 2. teacher distribution at every position (one teacher forward, no grad)
+    probs = teacher_probs(teacher, tokens_BN, labels_B, target_settings, support)
+    # 3. m noisy draws per position
+    t_BNm, eps_BNmd = _draws(B, N, draws, d, timesteps, generator, tokens_BN.device)
+    x_BNmd = flow.noise(c_BNd[:, :, None], t_BNm, eps_BNmd)
+    # 4. closed-form target velocity, one draw at a time so p is never copied m times
+    with torch.no_grad():
+        target = torch.stack([
+            flow.velocity(x_BNmd[:, :, k], t_BNm[:, :, k], probs, codebook_Vd, chunk_size=chunk_size,
+                          t_min=timesteps.t_min)
+            for k in range(draws)], dim=2)
+    # 5. regression of the head's velocity (all draws in one batched call)
+    pred = model.velocity(x_BNmd, t_BNm, f_BNC)
+    return (pred - target).square().mean()
+
+
+def fcs_loss(guidance: ARDiffusion, q_BNd: Tensor, labels_B: Tensor, *, draws: int, timesteps: TimestepSpec,
+             generator: torch.Generator | None = None) -> Tensor:
+    """Guidance (fake conditional score) loss on generated `q` (no grad into the generator)."""
+    q_BNd = q_BNd.detach()
+    B, N, d = q_BNd.shape
+    f_BNC = guidance.features(q_BNd, labels_B)
+    t_BNm, eps_BNmd = _draws(B, N, draws, d, timesteps, generator, q_BNd.device)
+    x_BNmd = flow.noise(q_BNd[:, :, None], t_BNm, eps_BNmd)
+    target_BNmd = eps_BNmd - q_BNd[:, :, None]
+    return (guidance.velocity(x_BNmd, t_BNm, f_BNC) - target_BNmd).square().mean()
+
+
+@dataclass
+class CSDOutput:
+    loss: Tensor
+    weight_mean: float
+    score_gap: float  # mean ‖D_real − D_fake‖², a progress signal
+
+
+def csd_loss(generator_net: Generator, guidance: ARDiffusion, teacher: Teacher, eps_BNd: Tensor, labels_B: Tensor, *,
+             target_settings: SamplingSettings, alpha: float, timesteps: TimestepSpec, weighting: bool = True,
+             generator: torch.Generator | None = None, chunk_size: int = 4096, support: int = 0) -> CSDOutput:
+    """Conditional score distillation loss for one generator update (guidance frozen by the caller)."""
+    codebook_Vd = teacher.codebook()
+    # 1. sample q from the generator, with grad
+    q_BNd = generator_net(eps_BNd, labels_B)
+    B, N, d = q_BNd.shape
+    # 2. one noisy draw per position, differentiable in q
+    t_BN1, noise_BN1d = _draws(B, N, 1, d, timesteps, generator, q_BNd.device)
+    t_BN = t_BN1[..., 0]
+    x_BNd = flow.noise(q_BNd, t_BN, noise_BN1d[:, :, 0])
+    # 3. teacher distribution given the (stop-gradient) generated prefix
+    q_sg = q_BNd.detach()
+    probs = teacher_probs(teacher, q_sg, labels_B, target_settings, support)
+    # 4. closed-form real denoiser (differentiable in x) and the guidance network's fake denoiser
+    D_real = flow.denoise(x_BNd, t_BN, probs, codebook_Vd, chunk_size=chunk_size, t_min=timesteps.t_min)
+    with torch.no_grad():
+        f_fake = guidance.features(q_sg, labels_B)
+    v_fake = guidance.velocity(x_BNd[:, :, None], t_BN1, f_fake)[:, :, 0]
+    D_fake = flow.denoised_from_velocity(x_BNd, t_BN.clamp_min(timesteps.t_min), v_fake)
+    # 5. SiD-form loss with per-position normalisation
+    gap = D_real - D_fake
+    per_pos = (gap * ((D_real - q_BNd) - alpha * gap)).sum(-1)  # (B, N)
+    if weighting:
+        w_BN = 1.0 / ((q_BNd - D_real).abs().mean(-1) + 1e-5)
+        w_BN = w_BN.detach()
+    else:
+        w_BN = torch.ones_like(per_pos)
+    loss = (w_BN * per_pos).mean()
+    return CSDOutput(loss=loss, weight_mean=float(w_BN.mean()), score_gap=float(gap.detach().square().sum(-1).mean()))

@@ -1,0 +1,140 @@
+"""Settings of `dd2 distill` (method.md §4–§5). Every choice the paper leaves open is here, documented.
+
+Defaults are sized for the bundled digits teachers on a CPU; teacher plugins override them per
+variant (`Variant.distill_defaults`, the paper's values for VAR and LlamaGen), then a TOML file
+(`--config`) and `--set key=value` apply on top.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+from .config import setting
+from .errors import ConfigError
+from .teachers import SamplingSettings
+
+
+@dataclass
+class SamplingOverride:
+    """Optional changes to one of the teacher's sampling settings (unset = the variant's default)."""
+
+    cfg: Optional[float] = setting(None, "guidance weight in the family's convention")
+    top_k: Optional[int] = setting(None, "keep the k most likely tokens (0 = all)")
+    top_p: Optional[float] = setting(None, "nucleus threshold (1.0 = off)")
+    temperature: Optional[float] = setting(None, "softmax temperature")
+    cfg_interval: Optional[int] = setting(None, "LlamaGen: guidance only up to this position (-1 = always)")
+
+    def apply(self, base: SamplingSettings) -> SamplingSettings:
+        return base.with_overrides(cfg=self.cfg, top_k=self.top_k, top_p=self.top_p, temperature=self.temperature,
+                                   cfg_interval=self.cfg_interval)
+
+
+@dataclass
+class TimestepSettings:
+    kind: Literal["uniform", "logit-normal"] = setting("uniform", "distribution of t in [t_min, 1] (ours)")
+    t_min: float = setting(1e-3, "smallest t (the closed-form score is singular at 0)")
+    mean: float = setting(0.0, "logit-normal: mean of the normal")
+    std: float = setting(1.0, "logit-normal: standard deviation of the normal")
+
+
+@dataclass
+class HeadSettings:
+    width: int = setting(256, "hidden width of the MLP head")
+    depth: int = setting(3, "number of residual AdaLN MLP blocks")
+    mlp_ratio: float = setting(2.0, "hidden expansion inside each block")
+
+
+@dataclass
+class Stage1Settings:
+    steps: int = setting(1500, "optimiser steps of GTS tuning (0 skips stage 1: head untrained)")
+    batch_size: int = setting(64, "sequences per step (global, split over ranks)")
+    lr: float = setting(3e-4, "learning rate of the head")
+    backbone_lr: float = setting(1e-4, "learning rate of the backbone once it trains")
+    head_only_steps: int = setting(0, "first steps with the backbone frozen (paper: VAR yes, LlamaGen no)")
+    noise_draws: int = setting(4, "noisy draws (t, ε) per position per backbone pass (MAR's trick)")
+    warmup_steps: int = setting(50, "linear learning-rate warm-up")
+    weight_decay: float = setting(0.0, "AdamW weight decay")
+    grad_clip: float = setting(1.0, "gradient norm clip (0 = off)")
+    data: str = setting("teacher", "'teacher' = sequences drawn from the teacher; or a .safetensors token dataset "
+                                   "with 'tokens' (N, n) int and 'labels' (N,) int")
+    cache_sequences: int = setting(0, "> 0: draw this many teacher sequences once into token shards under the "
+                                      "run directory (reused on restart); 0: draw fresh ones every step")
+    sampling: SamplingOverride = setting(SamplingOverride(), "teacher sampling for the data (default: the "
+                                                            "variant's stage-1 settings)")
+    timesteps: TimestepSettings = setting(TimestepSettings(), "timestep distribution of the GTS loss")
+
+
+@dataclass
+class Stage2Settings:
+    steps: int = setting(1500, "generator updates")
+    batch_size: int = setting(64, "sequences per update (global, split over ranks)")
+    guidance_updates: int = setting(2, "K: guidance updates per generator update (paper: 5, later 2)")
+    lr: float = setting(1e-4, "generator learning rate (after warm-up)")
+    guidance_lr: float = setting(1e-4, "guidance learning rate")
+    warmup_steps: int = setting(100, "generator learning rate warms up linearly from 1e-6 over these updates")
+    alpha: float = setting(1.0, "SiD's α (paper: 1.0)")
+    weighting: bool = setting(True, "per-position weight 1/(mean|q − D_real| + 1e-5) (ours, DMD/SiD-style)")
+    guidance_draws: int = setting(1, "noisy draws per position in each guidance update")
+    ema_max: float = setting(0.9999, "cap of the progressive EMA rate min(cap, (it+1)/(it+10))")
+    align_at: int = setting(0, "performance alignment at this generator update: generator ← EMA, then "
+                               "guidance-only updates (0 = off)")
+    align_steps: int = setting(0, "guidance-only updates during alignment")
+    grad_clip: float = setting(1.0, "gradient norm clip for both networks (0 = off)")
+    snap_prefix: bool = setting(False, "give the teacher nearest-codebook ids of q instead of q itself "
+                                       "(always done by teachers that read ids)")
+    init_generator: Literal["ar-diffusion", "backbone"] = setting(
+        "ar-diffusion", "initialise the generator from the tuned AR-diffusion model, or from the teacher "
+                        "backbone with a fresh head (ablation, paper Tab. 4)")
+    init_guidance: Literal["ar-diffusion", "backbone"] = setting("ar-diffusion", "same choice for the guidance")
+    timesteps: TimestepSettings = setting(TimestepSettings(), "timestep distribution of both stage-2 losses")
+
+
+@dataclass
+class ScoreSettings:
+    chunk_size: int = setting(4096, "rows (positions) per chunk of the closed-form score")
+    support: int = setting(0, "> 0: pass the teacher's top-k support (k <= support) instead of dense "
+                              "probabilities (saves memory at large V)")
+
+
+@dataclass
+class RunSettings:
+    checkpoint_every: int = setting(500, "checkpoint every N steps (and at the end of each stage)")
+    sample_every: int = setting(500, "write a generator sample grid every N stage-2 updates (0 = end only)")
+    log_every: int = setting(10, "append metrics every N steps")
+    keep_checkpoints: int = setting(2, "checkpoints kept per stage (the end of stage 1 is always kept)")
+    grid_per_class: int = setting(8, "samples per class row in grids")
+    eval_samples: int = setting(0, "> 0: at the end, report digits metrics on this many samples (digits teachers)")
+
+
+@dataclass
+class DistillSettings:
+    seed: int = setting(0, "base random seed (ranks add their rank)")
+    device: str = setting("auto", "'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:1', ...")
+    precision: Literal["fp32", "bf16"] = setting("fp32", "bf16 autocast (CUDA only); the closed-form score stays fp32")
+    target: SamplingOverride = setting(SamplingOverride(), "teacher sampling that defines the real score "
+                                                          "(default: the variant's distillation target)")
+    head: HeadSettings = setting(HeadSettings(), "the MLP head shared by all three networks")
+    stage1: Stage1Settings = setting(Stage1Settings(), "stage 1: AR-diffusion tuning with the GTS loss")
+    stage2: Stage2Settings = setting(Stage2Settings(), "stage 2: conditional score distillation")
+    score: ScoreSettings = setting(ScoreSettings(), "closed-form score computation")
+    run: RunSettings = setting(RunSettings(), "logging, checkpoints, sample grids")
+
+    def validate(self) -> None:
+        for name, value in (("stage1.batch_size", self.stage1.batch_size), ("stage2.batch_size", self.stage2.batch_size),
+                            ("stage1.noise_draws", self.stage1.noise_draws), ("head.width", self.head.width),
+                            ("stage2.guidance_draws", self.stage2.guidance_draws),
+                            ("run.checkpoint_every", self.run.checkpoint_every), ("run.log_every", self.run.log_every)):
+            if value <= 0:
+                raise ConfigError(f"Setting '{name}' must be positive, got {value}.")
+        for name, value in (("stage1.steps", self.stage1.steps), ("stage2.steps", self.stage2.steps),
+                            ("stage2.guidance_updates", self.stage2.guidance_updates)):
+            if value < 0:
+                raise ConfigError(f"Setting '{name}' must be >= 0, got {value}.")
+        for name, value in (("stage1.lr", self.stage1.lr), ("stage2.lr", self.stage2.lr),
+                            ("stage2.guidance_lr", self.stage2.guidance_lr)):
+            if not value > 0:
+                raise ConfigError(f"Setting '{name}' must be > 0, got {value}.")
+        for ts_name, ts in (("stage1.timesteps", self.stage1.timesteps), ("stage2.timesteps", self.stage2.timesteps)):
+            if not 0 < ts.t_min < 1:
+                raise ConfigError(f"Setting '{ts_name}.t_min' must be in (0, 1), got {ts.t_min}.")

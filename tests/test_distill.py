@@ -1,0 +1,186 @@
+"""The training engine end to end on the synthetic teacher: files, errors, resume, data parallelism."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from dd2cli import plugins
+from dd2cli.cli import app
+from dd2cli.files import load_safetensors
+
+runner = CliRunner()
+DRIVER = str(Path(__file__).parent / "distill_driver.py")
+TINY = ["--set", "stage1.steps=6", "--set", "stage2.steps=4", "--set", "stage1.batch_size=8",
+        "--set", "stage2.batch_size=8", "--set", "head.width=32", "--set", "head.depth=1",
+        "--set", "run.checkpoint_every=2", "--set", "run.log_every=1", "--set", "run.grid_per_class=2"]
+
+
+def _env():
+    env = {k: v for k, v in os.environ.items()}
+    env["DD2_LOAD_PLUGINS"] = ""
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def test_distill_writes_a_complete_run(synthetic_plugin, tmp_path):
+    out = tmp_path / "run"
+    res = runner.invoke(app, ["distill", "--teacher", "synthetic-corr", "--out", str(out), *TINY])
+    assert res.exit_code == 0, res.output
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["teacher"] == "synthetic-corr" and cfg["settings"]["stage1"]["steps"] == 6
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if m["stage"] == 1] == list(range(1, 7))
+    assert [m["step"] for m in metrics if m["stage"] == 2] == list(range(1, 5))
+    assert all(torch.isfinite(torch.tensor(m.get("loss_gts", m.get("loss_csd")))) for m in metrics)
+    latest = json.loads((out / "latest.json").read_text())
+    assert latest == {"stage": 2, "step": 4, "path": "checkpoints/stage2-0000004"}
+    weights, _ = load_safetensors(out / latest["path"] / "modules.safetensors")
+    assert {k.split(".")[0] for k in weights} == {"generator", "ema", "guidance"}
+    assert (out / "checkpoints" / "stage1-0000006" / "FINAL").exists()  # kept to seed stage 2
+    assert (out / "samples" / "final.png").is_file()
+    assert "Sample grid" in res.output
+
+
+def test_resume_of_a_finished_run_changes_nothing_and_extending_continues(synthetic_plugin, tmp_path):
+    out = tmp_path / "run"
+    assert runner.invoke(app, ["distill", "--teacher", "synthetic-corr", "--out", str(out), *TINY]).exit_code == 0
+    before = load_safetensors(out / "checkpoints/stage2-0000004/modules.safetensors")[0]
+    res = runner.invoke(app, ["distill", "--resume", str(out), "--set", "stage2.steps=6"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((out / "latest.json").read_text())["step"] == 6
+    assert not torch.equal(before["generator.model.head.out.weight"],
+                           load_safetensors(out / "checkpoints/stage2-0000006/modules.safetensors")[0][
+                               "generator.model.head.out.weight"])
+
+
+def test_invalid_combinations_are_one_sentence(synthetic_plugin, tmp_path):
+    out = tmp_path / "run"
+    assert runner.invoke(app, ["distill", "--teacher", "synthetic-corr", "--out", str(out), *TINY]).exit_code == 0
+    cases = [
+        (["distill", "--teacher", "synthetic-scales", "--resume", str(out)], "distils teacher 'synthetic-corr'"),
+        (["distill", "--teacher", "synthetic-corr", "--out", str(out)], "already exists and is not empty"),
+        (["distill", "--teacher", "nope", "--out", str(tmp_path / "x")], "No teacher 'nope'"),
+        (["distill", "--teacher", "synthetic-corr", "--set", "stage2.lrr=1", "--out", str(tmp_path / "y")],
+         "Unknown setting 'stage2.lrr'"),
+        (["distill", "--teacher", "synthetic-corr", "--set", "stage1.steps=-1", "--out", str(tmp_path / "y")],
+         "must be >= 0"),
+        (["distill", "--resume", str(tmp_path / "missing")], "not a dd2 distillation run"),
+        (["distill", "--stage", "3", "--teacher", "synthetic-corr"], "--stage must be 1, 2 or all"),
+        (["distill", "--weights", "nokey", "--teacher", "synthetic-corr"], "KEY=PATH"),
+    ]
+    bad_toml = tmp_path / "bad.toml"
+    bad_toml.write_text("[stage1\nsteps = 2")
+    cases.append((["distill", "--teacher", "synthetic-corr", "--config", str(bad_toml)], "not valid TOML"))
+    for args, message in cases:
+        res = runner.invoke(app, args)
+        assert res.exit_code != 0, args
+        assert message in res.output, (args, res.output)
+        assert "Traceback" not in res.output
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_missing_weights_name_the_file(tmp_path, monkeypatch):
+    from dd2cli import hookimpl
+    from dd2cli.teachers import Family, Variant, WeightFile
+
+    class NeedsWeights:
+        @hookimpl
+        def dd2_register_teachers(self, register):
+            register(Family(name="heavy", description="", variants=(Variant(
+                name="heavy-1", description="", loader=lambda v, w, d: None,
+                weights=(WeightFile("net", "heavy_net.pth", "the network", url="https://example.org/heavy"),)),)))
+
+    monkeypatch.setenv("DD2_WEIGHTS_DIR", str(tmp_path / "weights"))
+    plugins.register_plugin(NeedsWeights(), name="heavy")
+    res = runner.invoke(app, ["distill", "--teacher", "heavy-1", "--out", str(tmp_path / "run")])
+    assert res.exit_code == 2
+    assert "needs heavy_net.pth" in res.output and str(tmp_path / "weights") in res.output
+    assert not (tmp_path / "run" / "config.json").exists()
+
+
+def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(synthetic_plugin, tmp_path, monkeypatch):
+    from dd2cli import distill
+
+    real = distill.gts_loss
+    calls = {"n": 0}
+
+    def poisoned(*a, **k):
+        calls["n"] += 1
+        loss = real(*a, **k)
+        return loss * float("nan") if calls["n"] == 5 else loss
+
+    monkeypatch.setattr(distill, "gts_loss", poisoned)
+    out = tmp_path / "run"
+    res = runner.invoke(app, ["distill", "--teacher", "synthetic-corr", "--out", str(out), *TINY])
+    assert res.exit_code == 2
+    assert "gts loss became nan at stage 1 step 5" in res.output
+    assert "stage1-0000004" in res.output
+    assert json.loads((out / "latest.json").read_text())["step"] == 4
+
+
+def _run_driver(args, env, **kw):
+    return subprocess.run([sys.executable, DRIVER, *args], env=env, capture_output=True, text=True, **kw)
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
+    args = ["distill", "--teacher", "synthetic-corr", "--set", "stage1.steps=40", "--set", "stage2.steps=30",
+            "--set", "stage1.batch_size=16", "--set", "stage2.batch_size=16", "--set", "head.width=32",
+            "--set", "run.checkpoint_every=5", "--set", "run.sample_every=0"]
+    env = _env()
+    ref = tmp_path / "ref"
+    proc = _run_driver(["--quiet", *args, "--out", str(ref)], env, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    # kill a second run with SIGKILL once stage 2 has checkpointed, then resume it
+    run_dir = tmp_path / "killed"
+    p = subprocess.Popen([sys.executable, DRIVER, "--quiet", *args, "--out", str(run_dir)], env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        latest = run_dir / "latest.json"
+        if latest.exists() and json.loads(latest.read_text())["stage"] == 2:
+            break
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    killed_at = json.loads((run_dir / "latest.json").read_text())
+    assert killed_at["stage"] == 2 and killed_at["step"] < 30
+    # a checkpoint write cut short leaves a hidden temporary folder; resume must ignore it
+    (run_dir / "checkpoints" / ".stage2-0000099.partial.tmp").mkdir()
+    proc = _run_driver(["--quiet", "distill", "--resume", str(run_dir)], env, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    a = load_safetensors(ref / "checkpoints/stage2-0000030/modules.safetensors")[0]
+    b = load_safetensors(run_dir / "checkpoints/stage2-0000030/modules.safetensors")[0]
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["stage"] == 2]
+    assert steps == sorted(set(steps)), "metrics were duplicated by the resume"
+
+
+@pytest.mark.slow
+def test_two_process_gloo_replicas_stay_identical_and_batch_is_split(tmp_path):
+    env = _env()
+    env["DD2_TEST_RECORD"] = str(tmp_path)
+    args = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517", DRIVER, "--quiet", "distill",
+            "--teacher", "synthetic-corr", "--out", str(tmp_path / "run"), "--device", "cpu",
+            "--set", "stage1.steps=4", "--set", "stage2.steps=3", "--set", "stage1.batch_size=8",
+            "--set", "stage2.batch_size=8", "--set", "head.width=32", "--set", "run.sample_every=0"]
+    proc = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0 = json.loads((tmp_path / "rank0.json").read_text())
+    r1 = json.loads((tmp_path / "rank1.json").read_text())
+    assert r0["generator_sum"] == r1["generator_sum"] and r0["generator_abs_sum"] == r1["generator_abs_sum"]
+    for b0, b1 in zip(r0["gts_batches"], r1["gts_batches"]):
+        assert b0["shape"][0] == 4 and b1["shape"][0] == 4  # the global batch of 8, split in two
+        assert b0["tokens"] != b1["tokens"] or b0["labels"] != b1["labels"]  # different data per rank
+    assert len(r0["gts_batches"]) == 4
