@@ -272,6 +272,23 @@ def distill(
         console.print(f"Sample grid: {result.grid}", highlight=False)
 
 
+def _register_more_commands() -> None:
+    """Commands that live in their own modules (each registers itself; none imports torch at import)."""
+    import importlib
+
+    for name in ("cli_sample", "cli_eval", "cli_export"):
+        try:
+            module = importlib.import_module(f".{name}", __package__)
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__package__}.{name}":
+                raise
+            continue
+        module.register(app)
+
+
+_register_more_commands()
+
+
 def main() -> None:
     app(prog_name="dd2")
 

@@ -276,6 +276,10 @@ def _stage1(run: _Run, ckpt: Checkpoint | None) -> ARDiffusion:
         run.restore_rng(ckpt.rng())
         start = ckpt.step
     if start >= s1.steps:
+        if ckpt is None:  # stage 1 switched off (steps = 0): record the untuned model as its result
+            path = run.checkpoint(1, 0, {"model": model}, {"model": opt}, {})
+            if path is not None:
+                mark_final(path)
         return model
     batches = _token_batches(run, run.per_rank(s1.batch_size))
     timesteps = TimestepSpec(**to_dict(s1.timesteps))
@@ -392,7 +396,8 @@ def _stage2(run: _Run, psi0: ARDiffusion, ckpt: Checkpoint | None) -> tuple[Gene
         labels = run.labels(batch)
         with run.autocast():
             out = csd_loss(gen, guidance, teacher, noise(), labels, target_settings=run.target, alpha=s2.alpha,
-                           timesteps=timesteps, weighting=s2.weighting, generator=run.gen_train, **score_kw)
+                           timesteps=timesteps, weighting=s2.weighting, draws=s2.generator_draws, generator=run.gen_train,
+                           **score_kw)
         opt_g.zero_grad(set_to_none=True)
         out.loss.backward()
         guidance.requires_grad_(True)

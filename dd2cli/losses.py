@@ -97,32 +97,39 @@ class CSDOutput:
 
 def csd_loss(generator_net: Generator, guidance: ARDiffusion, teacher: Teacher, eps_BNd: Tensor, labels_B: Tensor, *,
              target_settings: SamplingSettings, alpha: float, timesteps: TimestepSpec, weighting: bool = True,
-             generator: torch.Generator | None = None, chunk_size: int = 4096, support: int = 0) -> CSDOutput:
-    """Conditional score distillation loss for one generator update (guidance frozen by the caller)."""
+             draws: int = 1, generator: torch.Generator | None = None, chunk_size: int = 4096,
+             support: int = 0) -> CSDOutput:
+    """Conditional score distillation loss for one generator update (guidance frozen by the caller).
+
+    `draws` noisy copies `(t, ε')` per position share one generator pass, one teacher pass and one
+    guidance backbone pass (their average is a lower-variance estimate of the same gradient).
+    """
     codebook_Vd = teacher.codebook()
     # 1. sample q from the generator, with grad
     q_BNd = generator_net(eps_BNd, labels_B)
     B, N, d = q_BNd.shape
-    # 2. one noisy draw per position, differentiable in q
-    t_BN1, noise_BN1d = _draws(B, N, 1, d, timesteps, generator, q_BNd.device)
-    t_BN = t_BN1[..., 0]
-    x_BNd = flow.noise(q_BNd, t_BN, noise_BN1d[:, :, 0])
+    # 2. noisy draws per position, differentiable in q
+    t_BNm, noise_BNmd = _draws(B, N, draws, d, timesteps, generator, q_BNd.device)
+    x_BNmd = flow.noise(q_BNd[:, :, None], t_BNm, noise_BNmd)
     # 3. teacher distribution given the (stop-gradient) generated prefix
     q_sg = q_BNd.detach()
     probs = teacher_probs(teacher, q_sg, labels_B, target_settings, support)
     # 4. closed-form real denoiser (differentiable in x) and the guidance network's fake denoiser
-    D_real = flow.denoise(x_BNd, t_BN, probs, codebook_Vd, chunk_size=chunk_size, t_min=timesteps.t_min)
+    D_real = torch.stack([
+        flow.denoise(x_BNmd[:, :, k], t_BNm[:, :, k], probs, codebook_Vd, chunk_size=chunk_size,
+                     t_min=timesteps.t_min)
+        for k in range(draws)], dim=2)
     with torch.no_grad():
         f_fake = guidance.features(q_sg, labels_B)
-    v_fake = guidance.velocity(x_BNd[:, :, None], t_BN1, f_fake)[:, :, 0]
-    D_fake = flow.denoised_from_velocity(x_BNd, t_BN.clamp_min(timesteps.t_min), v_fake)
+    v_fake = guidance.velocity(x_BNmd, t_BNm, f_fake)
+    D_fake = flow.denoised_from_velocity(x_BNmd, t_BNm.clamp_min(timesteps.t_min), v_fake)
     # 5. SiD-form loss with per-position normalisation
+    q_BN1d = q_BNd[:, :, None]
     gap = D_real - D_fake
-    per_pos = (gap * ((D_real - q_BNd) - alpha * gap)).sum(-1)  # (B, N)
+    per_draw = (gap * ((D_real - q_BN1d) - alpha * gap)).sum(-1)  # (B, N, m)
     if weighting:
-        w_BN = 1.0 / ((q_BNd - D_real).abs().mean(-1) + 1e-5)
-        w_BN = w_BN.detach()
+        w = (1.0 / ((q_BN1d - D_real).abs().mean(-1) + 1e-5)).detach()
     else:
-        w_BN = torch.ones_like(per_pos)
-    loss = (w_BN * per_pos).mean()
-    return CSDOutput(loss=loss, weight_mean=float(w_BN.mean()), score_gap=float(gap.detach().square().sum(-1).mean()))
+        w = torch.ones_like(per_draw)
+    loss = (w * per_draw).mean()
+    return CSDOutput(loss=loss, weight_mean=float(w.mean()), score_gap=float(gap.detach().square().sum(-1).mean()))

@@ -76,6 +76,7 @@ class Stage2Settings:
     alpha: float = setting(1.0, "SiD's α (paper: 1.0)")
     weighting: bool = setting(True, "per-position weight 1/(mean|q − D_real| + 1e-5) (ours, DMD/SiD-style)")
     guidance_draws: int = setting(1, "noisy draws per position in each guidance update")
+    generator_draws: int = setting(1, "noisy draws per position in each generator update (variance reduction)")
     ema_max: float = setting(0.9999, "cap of the progressive EMA rate min(cap, (it+1)/(it+10))")
     align_at: int = setting(0, "performance alignment at this generator update: generator ← EMA, then "
                                "guidance-only updates (0 = off)")
@@ -124,6 +125,7 @@ class DistillSettings:
         for name, value in (("stage1.batch_size", self.stage1.batch_size), ("stage2.batch_size", self.stage2.batch_size),
                             ("stage1.noise_draws", self.stage1.noise_draws), ("head.width", self.head.width),
                             ("stage2.guidance_draws", self.stage2.guidance_draws),
+                            ("stage2.generator_draws", self.stage2.generator_draws),
                             ("run.checkpoint_every", self.run.checkpoint_every), ("run.log_every", self.run.log_every)):
             if value <= 0:
                 raise ConfigError(f"Setting '{name}' must be positive, got {value}.")

@@ -9,6 +9,10 @@ os.environ["DD2_LOAD_PLUGINS"] = ""
 sys.path.insert(0, str(Path(__file__).parent))
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# Tiny models on a shared 2-core machine run many times faster on one thread.
+torch.set_num_threads(1)
 
 from dd2cli import plugins  # noqa: E402
 

@@ -1,0 +1,134 @@
+"""Cost of one DD2 training step, as a ratio to a plain forward + backward of the backbone.
+
+    python benchmarks/bench_distill_steps.py [--device cpu|cuda] [--quick] [--config mini|d16]
+
+A VAR-shaped teacher with random weights (default `mini`: depth 4, width 256, 8 scales = 204
+tokens, V = 512, Cvae = 16; `d16`: the real VAR-d16 transformer, 680 tokens, GPU only in practice).
+On the same batch it times (median of repeats) and measures peak memory of:
+
+- the backbone baseline: `f = backbone(z, labels)`, `f.square().mean().backward()`;
+- one stage-1 step (GTS loss with m draws, backward, optimiser step);
+- one guidance step (generator sample without grad, FCS loss, backward, step);
+- one generator step (generator with grad, teacher probabilities with CFG, closed-form score,
+  guidance head, CSD loss, backward, step).
+Targets (issue 3): generator step ≤ 2.5×, guidance step ≤ 1.6× the backbone baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from _measure import mib, peak_memory, timeit  # noqa: E402
+
+
+def build(config: str, device: str):
+    from dd2_var.config import VARConfig, VQVAEConfig
+    from dd2_var.teacher import new_teacher
+
+    if config == "d16":
+        from dd2_var.config import vae_config, var_config
+
+        var_cfg, vae_cfg = var_config(16), vae_config()
+        top_k = 900
+    else:
+        pn = (1, 2, 3, 4, 5, 6, 8, 10)
+        var_cfg = VARConfig(depth=4, width=256, num_heads=4, num_classes=10, vocab_size=512, z_channels=16,
+                            patch_nums=pn)
+        vae_cfg = VQVAEConfig(vocab_size=512, z_channels=16, ch=32, ch_mult=(1, 2), patch_nums=pn)
+        top_k = 112
+    from dd2cli.teachers import SamplingSettings
+
+    target = SamplingSettings(cfg=2.0, top_k=top_k, top_p=0.95)
+    teacher = new_teacher(var_cfg, vae_cfg, stage1=target, target=target, evaluation=target)
+    return teacher.to(device).eval().requires_grad_(False), target
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--config", default="mini", choices=["mini", "d16"])
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--draws", type=int, default=4, help="noise draws per position (stage 1)")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    if args.quick:
+        args.batch, args.repeats = 4, 2
+    torch.manual_seed(0)
+    from dd2cli.heads import MLPHead
+    from dd2cli.losses import TimestepSpec, csd_loss, fcs_loss, gts_loss
+    from dd2cli.networks import ARDiffusion, Generator
+
+    dev = args.device
+    teacher, target = build(args.config, dev)
+    spec = teacher.spec
+    backbone = teacher.new_backbone().to(dev)
+    head = MLPHead(spec.latent_dim, backbone.feature_dim, width=256, depth=3).to(dev)
+    psi = ARDiffusion(backbone, head).eval()
+    gen = Generator(copy.deepcopy(psi)).eval()
+    B, N, d = args.batch, spec.num_tokens, spec.latent_dim
+    g = torch.Generator(device=dev).manual_seed(0)
+    labels = torch.randint(0, spec.num_classes, (B,), generator=g, device=dev)
+    z = torch.randn(B, N, d, generator=g, device=dev)
+    tokens = teacher.sample(labels, target, generator=g)
+    ts = TimestepSpec()
+    opt_psi = torch.optim.Adam(psi.parameters(), lr=1e-5, betas=(0.9, 0.95))
+    opt_g = torch.optim.Adam(gen.parameters(), lr=1e-5, betas=(0.9, 0.95))
+
+    def baseline():
+        backbone.zero_grad(set_to_none=True)
+        backbone(z, labels).square().mean().backward()
+
+    def stage1():
+        loss = gts_loss(psi, teacher, tokens, labels, target_settings=target, draws=args.draws, timesteps=ts,
+                        generator=g)
+        opt_psi.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_psi.step()
+
+    def guidance():
+        with torch.no_grad():
+            q = gen(z, labels)
+        loss = fcs_loss(psi, q, labels, draws=1, timesteps=ts, generator=g)
+        opt_psi.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_psi.step()
+
+    def generator():
+        psi.requires_grad_(False)
+        out = csd_loss(gen, psi, teacher, z, labels, target_settings=target, alpha=1.0, timesteps=ts, generator=g)
+        opt_g.zero_grad(set_to_none=True)
+        out.loss.backward()
+        opt_g.step()
+        psi.requires_grad_(True)
+
+    rows = {}
+    for name, fn in (("backbone fwd+bwd", baseline), ("stage-1 step (GTS)", stage1), ("guidance step (FCS)", guidance),
+                     ("generator step (CSD)", generator)):
+        fn()  # warm-up (also allocates optimiser state)
+        with peak_memory(dev) as mem:
+            fn()
+        rows[name] = {"seconds": timeit(fn, repeats=args.repeats, warmup=0, device=dev), "peak": mem["peak"]}
+    base = rows["backbone fwd+bwd"]
+    print(f"DD2 step costs, VAR-shaped '{args.config}' teacher (n={N}, V={spec.vocab_size}, d={d}, "
+          f"width={backbone.feature_dim}), batch {B}, device {dev}")
+    print(f"{'':<24}{'time':>10}{'ratio':>9}{'peak mem':>12}{'tokens/s':>12}")
+    for name, r in rows.items():
+        r["ratio"] = r["seconds"] / base["seconds"]
+        print(f"{name:<24}{r['seconds']:>9.3f}s{r['ratio']:>8.2f}x{mib(r['peak']):>12}{B * N / r['seconds']:>12.0f}")
+    print("targets: generator step <= 2.5x, guidance step <= 1.6x")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
