@@ -112,6 +112,7 @@ class RunSettings:
 class DistillSettings:
     seed: int = setting(0, "base random seed (ranks add their rank)")
     device: str = setting("auto", "'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:1', ...")
+    threads: int = setting(0, "CPU threads for torch (0 = torch's default); 1 is often fastest for tiny models")
     precision: Literal["fp32", "bf16"] = setting("fp32", "bf16 autocast (CUDA only); the closed-form score stays fp32")
     target: SamplingOverride = setting(SamplingOverride(), "teacher sampling that defines the real score "
                                                           "(default: the variant's distillation target)")

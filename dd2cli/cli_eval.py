@@ -1,0 +1,185 @@
+"""`dd2 eval fid|sfid|is|prec-recall|class-consistency|all|speed`: thin commands over `dd2cli.evaluate`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Optional
+
+import typer
+
+_FORMAT = {"fid": ("FID", "{:.3f}"), "sfid": ("sFID", "{:.3f}"), "is": ("IS", "{:.2f}"),
+           "precision": ("precision", "{:.3f}"), "recall": ("recall", "{:.3f}"),
+           "class_consistency": ("class-consistency", "{:.3f}")}
+
+
+class _RichEvalProgress:
+    """A transient bar per feature pass (images/s), and plain messages."""
+
+    def __init__(self, console) -> None:
+        self._console = console
+        self._p = None
+        self._task = None
+        self._t0 = 0.0
+        self._done = 0
+
+    def start(self, description: str, total: int) -> None:
+        import time
+
+        if not self._console.is_terminal:  # a transient bar only leaves blank lines in a log or a pipe
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self._p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                           TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=self._console,
+                           transient=True)
+        self._p.start()
+        self._task = self._p.add_task(description, total=total, rate="")
+        self._t0, self._done = time.perf_counter(), 0
+
+    def advance(self, count: int) -> None:
+        import time
+
+        if self._p is None:
+            return
+        self._done += count
+        rate = self._done / max(time.perf_counter() - self._t0, 1e-9)
+        self._p.update(self._task, advance=count, rate=f"{rate:.1f} images/s")
+
+    def stop(self) -> None:
+        if self._p is not None:
+            self._p.stop()
+            self._p = None
+
+    def message(self, text: str) -> None:
+        self._console.print(text, highlight=False)
+
+
+def _short(path: Path) -> str:
+    """The path relative to the working directory when it is inside it, else its last two parts."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(Path(*Path(path).parts[-2:]))
+
+
+def _print_results(console, results, as_json: bool) -> None:
+    import json
+
+    from rich.table import Table
+
+    if as_json:
+        console.print_json(json.dumps([{"samples": str(r.samples), "count": r.count, "features": r.features,
+                                        "reference": r.reference, "metrics": r.metrics} for r in results]))
+        return
+    keys = [k for k in _FORMAT if any(k in r.metrics for r in results)]
+    first = results[0]
+    title = f"dd2 eval ({first.features} features, reference {first.reference})"
+    table = Table(title=title)
+    table.add_column("samples", overflow="fold")
+    table.add_column("source")
+    table.add_column("n", justify="right")
+    for k in keys:
+        table.add_column(_FORMAT[k][0], justify="right")
+    for r in results:
+        table.add_row(_short(r.samples), r.source or "-", str(r.count),
+                      *[_FORMAT[k][1].format(r.metrics[k]) if k in r.metrics else "-" for k in keys])
+    console.print(table)
+    for path in dict.fromkeys(r.json_path for r in results if r.json_path is not None):
+        console.print(f"Written: {path}", highlight=False)
+
+
+def _metric_command(metrics: tuple[str, ...], doc: str) -> Callable:
+    from .cli import console, handle_errors, state
+
+    @handle_errors
+    def command(
+        samples: Optional[list[Path]] = typer.Argument(None, help="Sample sets: folders of PNGs or ADM .npz files "
+                                                       "(default: the most recent dd2 sample set)."),
+        ref: Optional[Path] = typer.Option(None, "--ref", help="Reference: an ADM reference .npz (its mu/sigma are "
+                                           "used when present), a folder or an .npz of images (digits default: the "
+                                           "real train split at the samples' resolution)."),
+        features: str = typer.Option("auto", "--features", help="inception, digits, or auto (digits for samples of a "
+                                     "digits teacher, else inception)."),
+        inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", help="Path of "
+                                                         "weights-inception-2015-12-05-6726825d.pth (else looked up "
+                                                         "in $TORCH_HOME/hub/checkpoints; never downloaded)."),
+        resize: str = typer.Option("adm", "--resize", help="adm (TF1 bilinear, as the ADM evaluator) or antialias "
+                                   "(torchmetrics' default)."),
+        batch_size: int = typer.Option(100, "--batch-size", "-b", help="Images per network pass."),
+        device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
+        json_path: Optional[Path] = typer.Option(None, "--json", help="Write the results here (default: "
+                                                 "eval-<features>.json next to each sample set)."),
+        print_json: bool = typer.Option(False, "--print-json", help="Print machine-readable JSON instead of a table."),
+    ) -> None:
+        from .evaluate import EvalRequest, evaluate
+
+        req = EvalRequest(metrics=metrics, samples=tuple(samples or ()), ref=ref, features=features,
+                          inception_weights=inception_weights, resize=resize, batch_size=batch_size, device=device,
+                          json_path=json_path)
+        progress = None if state.quiet or print_json else _RichEvalProgress(console)
+        _print_results(console, evaluate(req, progress=progress), print_json)
+
+    command.__doc__ = doc
+    return command
+
+
+def register(app: typer.Typer) -> None:
+    from .cli import console, handle_errors, state
+
+    eval_app = typer.Typer(help="Evaluate sample sets (FID, sFID, IS, precision/recall as the ADM evaluator; digits "
+                                "metrics) and sampling speed.", no_args_is_help=True)
+    eval_app.command("fid")(_metric_command(("fid",), "Fréchet distance to the reference (Inception pool_3, or "
+                                            "digits-classifier features)."))
+    eval_app.command("sfid")(_metric_command(("sfid",), "Spatial FID: first 7 channels of Inception's mixed_6/conv "
+                                             "(17x17x7)."))
+    eval_app.command("is")(_metric_command(("is",), "Inception score: 1008-way logits without bias, 10 splits."))
+    eval_app.command("prec-recall")(_metric_command(("prec-recall",), "Precision and recall (k-NN manifolds, k=3) "
+                                                    "against the reference images."))
+    eval_app.command("class-consistency")(_metric_command(("class-consistency",), "Digits: the fraction of samples "
+                                                          "the digits classifier assigns their requested label."))
+    eval_app.command("all")(_metric_command(("all",), "Every metric of the feature space; several sample sets give "
+                                            "one comparison table."))
+
+    @eval_app.command("speed")
+    @handle_errors
+    def speed(
+        source: Optional[Path] = typer.Option(None, "--from", help="A distillation run (default: the most recent)."),
+        teacher: Optional[str] = typer.Option(None, "--teacher", "-t", help="Time a teacher against an untrained "
+                                              "generator of the default architecture (speed does not depend on "
+                                              "weights)."),
+        weights: list[str] = typer.Option([], "--weights", help="KEY=PATH of a teacher weight file (repeatable)."),
+        batch_size: int = typer.Option(64, "--batch-size", "-b", help="The large batch size (batch 1 is always "
+                                       "timed)."),
+        steps: str = typer.Option("", "--steps", "-k", help="Also time k-step sampling, e.g. --steps 2,4."),
+        repeats: int = typer.Option(5, "--repeats", help="Timed repeats (the median is reported)."),
+        warmup: int = typer.Option(2, "--warmup", help="Untimed warm-up runs."),
+        device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
+    ) -> None:
+        """Images/s and latency of the one-step generator vs the teacher (and k-step), decode included."""
+        from rich.table import Table
+
+        from .cli import _parse_weights
+        from .errors import DD2Error
+        from .evaluate import SpeedRequest, measure_speed
+
+        try:
+            k_steps = tuple(int(s) for s in steps.split(",") if s.strip())
+        except ValueError:
+            raise DD2Error(f"--steps '{steps}' is not a comma list of step counts (e.g. 2,4).") from None
+        sizes = tuple(dict.fromkeys((1, batch_size)))
+        req = SpeedRequest(run_dir=source, teacher=teacher, weights=_parse_weights(weights), device=device,
+                           batch_sizes=sizes, k_steps=k_steps, warmup=warmup, repeats=repeats)
+        progress = None if state.quiet else _RichEvalProgress(console)
+        rows, info = measure_speed(req, progress=progress)
+        table = Table(title=f"Sampling speed: {info['teacher']} on {info.get('gpu', info['device'])} "
+                            f"(median of {info['repeats']}, decode included)")
+        for col in ("mode", "batch", "latency (ms)", "images/s", "vs teacher"):
+            table.add_column(col, justify="right" if col != "mode" else "left")
+        for r in rows:
+            table.add_row(r.mode, str(r.batch_size), f"{r.latency_ms:.2f}", f"{r.images_per_s:.1f}",
+                          f"{r.speedup:.1f}×")
+        console.print(table)
+        if not state.quiet:
+            console.print(f"Generator: {info['generator']}", highlight=False)
+
+    app.add_typer(eval_app, name="eval")
