@@ -506,6 +506,8 @@ def run(req: DistillRequest, progress: Progress | None = None,
     progress = progress or Progress()
     run_dir, info, settings = prepare(req)
     torch.manual_seed(settings.seed)  # for anything inside torch that draws from the global generator
+    if settings.threads > 0:
+        torch.set_num_threads(settings.threads)
     device = resolve_device(settings.device)
     dist = init_from_env(device)
     if dist.enabled and device.startswith("cuda"):

@@ -141,6 +141,20 @@ class Teacher(nn.Module, ABC):
         """Facts recorded with every output made from this teacher (name, hashes...)."""
         return {"teacher": getattr(self, "variant_name", type(self).__name__)}
 
+    # ---- export ---------------------------------------------------------------------------------
+    def bundle_parts(self, backbone: Backbone):
+        """What `dd2 export` needs to rebuild `backbone` and the decoder without this teacher.
+
+        Returns a `dd2cli.export.BundleParts`: factory + JSON config of the backbone architecture,
+        factory + config + weights of a decoder (token ids `(B, n)` → images in `[0, 1]`, as
+        `decode`), and `codebook()`. Optional: a family without it can still sample from its runs.
+        """
+        raise NotImplementedError(
+            f"the plugin of teacher '{getattr(self, 'variant_name', type(self).__name__)}' "
+            f"({type(self).__name__}) does not implement bundle_parts(), so its generators cannot be "
+            f"exported as bundles; sample from the run directory instead (dd2 sample --from RUN_DIR)."
+        )
+
 
 def nearest_codebook(z_BNd: Tensor, codebook_Vd: Tensor, chunk: int = 8192) -> Tensor:
     """Index of the nearest codebook row (L2) for every vector; chunked to bound memory."""

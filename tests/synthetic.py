@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dd2cli import hookimpl
+from dd2cli.export import BundleParts, ModuleRecipe, bundle_factory
 from dd2cli.teacher import Backbone, Teacher
 from dd2cli.teachers import Family, SamplingSettings, TeacherSpec, Variant
 
@@ -170,6 +171,17 @@ class SyntheticTeacher(Teacher):
     def new_backbone(self) -> Backbone:
         return copy.deepcopy(self._backbone_template).requires_grad_(True).train()
 
+    def bundle_parts(self, backbone: Backbone) -> BundleParts:
+        n, V, d, s = self.spec.num_tokens, self.spec.vocab_size, self.spec.latent_dim, self.spec.image_size
+        arch = {"n": n, "d": d, "num_classes": self.spec.num_classes, "steps": list(self.spec.steps),
+                "width": backbone.feature_dim, "depth": len(backbone.attn), "heads": backbone.attn[0].num_heads}
+        decoder = {"vocab_size": V, "latent_dim": d, "num_tokens": n, "image_size": s}
+        return BundleParts(
+            backbone=ModuleRecipe("synthetic:build_bundle_backbone", arch),
+            decoder=ModuleRecipe("synthetic:build_bundle_decoder", decoder,
+                                 {"codebook_Vd": self.codebook_Vd, "pixel_proj": self.pixel_proj}),
+            codebook_Vd=self.codebook())
+
     # ---- exact quantities for tests ----
     def exact_joint(self, label: int, settings: SamplingSettings | None = None) -> Tensor:
         """`(V,)*n` tensor: the exact joint of the teacher's sampling distribution for one class."""
@@ -180,6 +192,32 @@ class SyntheticTeacher(Teacher):
         probs = self.sampling_probs(combos, labels, settings)  # (V^n, n, V)
         p = probs.gather(-1, combos[..., None]).squeeze(-1).prod(-1)
         return p.reshape((V,) * n)
+
+
+class SyntheticDecoder(nn.Module):
+    """Token ids → the teacher's tiny images, exactly as `SyntheticTeacher.decode` (bundles)."""
+
+    def __init__(self, vocab_size: int, latent_dim: int, num_tokens: int, image_size: int) -> None:
+        super().__init__()
+        self.image_size = image_size
+        self.register_buffer("codebook_Vd", torch.zeros(vocab_size, latent_dim))
+        self.register_buffer("pixel_proj", torch.zeros(num_tokens * latent_dim, 3 * image_size * image_size))
+
+    def forward(self, ids_BN: Tensor) -> Tensor:
+        z = self.codebook_Vd[ids_BN.long()].reshape(ids_BN.shape[0], -1)
+        s = self.image_size
+        return torch.sigmoid(z @ self.pixel_proj).reshape(-1, 3, s, s)
+
+
+@bundle_factory
+def build_bundle_backbone(config: dict) -> SyntheticBackbone:
+    return SyntheticBackbone(config["n"], config["d"], config["num_classes"], tuple(config["steps"]),
+                             config["width"], config["depth"], config["heads"])
+
+
+@bundle_factory
+def build_bundle_decoder(config: dict) -> SyntheticDecoder:
+    return SyntheticDecoder(config["vocab_size"], config["latent_dim"], config["num_tokens"], config["image_size"])
 
 
 def _load_synthetic(variant: Variant, weights: Mapping[str, Path], device: str) -> SyntheticTeacher:

@@ -284,6 +284,13 @@ class VarTeacher(Teacher):
             self._identity_cache = {**super().identity(), "family": "var", "weights": files}
         return dict(self._identity_cache)
 
+    # ---- export -------------------------------------------------------------------------------
+    def bundle_parts(self, backbone: VarBackbone):
+        """Configs, decoder weights and codebook for `dd2 export` (see `dd2_var.export`)."""
+        from .export import bundle_parts  # dd2cli.export loads only when a bundle is made
+
+        return bundle_parts(self, backbone)
+
 
 # ---- loading -------------------------------------------------------------------------------------
 
