@@ -1,0 +1,123 @@
+"""LlamaGen teacher speed: KV-cached AR sampling vs one teacher-forced pass, real GPT-B size.
+
+    python benchmarks/bench_llamagen_teacher.py                 # CPU, fp32, GPT-B 256 px, random weights
+    python benchmarks/bench_llamagen_teacher.py --size L --batch 1 8 --repeats 3 --threads 2
+
+Side by side (median of `--repeats` runs each):
+- `sample`: `teacher.sample` with CFG (batch doubled, cond-first), cfg 2.0 / top-k 8000 (the
+  paper's evaluation setting), 256 KV-cached steps;
+- `teacher-forced`: one `teacher.logits` pass over 256 tokens (what DD2 training calls per sequence).
+
+Weights are random (timing does not depend on them); the tokenizer is a small stand-in with the
+same codebook size, because sampling never runs it. Reference for upstream LlamaGen on the
+development CPU: 10.8 s for one 256-step CFG sample at batch 1, 0.31 s teacher-forced.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from dd2cli.teachers import SamplingSettings
+from dd2_llamagen.gpt import GPTConfig, LlamaGenGPT
+from dd2_llamagen.teacher import LlamaGenTeacher
+from dd2_llamagen.vq import VQConfig, VQModel
+
+UPSTREAM_SAMPLE_B1_S = 10.8
+UPSTREAM_TEACHER_FORCED_B1_S = 0.31
+
+
+def build_teacher(size: str, image_size: int, device: str) -> LlamaGenTeacher:
+    torch.manual_seed(0)
+    cfg = GPTConfig.named(size, image_size)
+    with torch.device("meta"):
+        gpt = LlamaGenGPT(cfg)
+    gpt = gpt.to_empty(device=device)
+    with torch.no_grad():
+        for p in gpt.parameters():
+            p.normal_(0, 0.02) if p.dim() > 1 else p.fill_(1.0)
+    gpt.reset_rope(device)
+    # stand-in tokenizer: only its codebook (V × 8) is used while sampling
+    vq = VQModel(VQConfig(codebook_size=cfg.vocab_size, ch=32, ch_mult=(1, 1, 1, 1, 1), z_channels=32,
+                          num_res_blocks=1)).to(device)
+    return LlamaGenTeacher(gpt, vq, variant_name=f"llamagen-{size.lower()}-random", image_size=image_size)
+
+
+def timed(fn, repeats: int, device: str) -> list[float]:
+    out = []
+    for _ in range(repeats):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def streaming_floor(teacher: LlamaGenTeacher, repeats: int) -> tuple[float, float]:
+    """(bytes of weights each decoding step must read, seconds to stream that many bytes now).
+
+    Decoding a token is a matrix-vector product per weight matrix: the CPU is bound by memory
+    bandwidth, so `sum()` over a buffer of the same size, timed now, is the floor of one step on
+    this (possibly shared, busy) machine.
+    """
+    step_bytes = sum(p.numel() * p.element_size() for n, p in teacher.gpt.named_parameters()
+                     if p.dim() == 2 and "embedding" not in n)
+    buf = torch.ones(step_bytes // 4)
+    return step_bytes, min(timed(lambda: buf.sum(), max(repeats, 5), "cpu"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", default="B", choices=["B", "L", "XL", "XXL", "3B"])
+    ap.add_argument("--image-size", type=int, default=256)
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--cfg", type=float, default=2.0)
+    ap.add_argument("--top-k", type=int, default=8000)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    teacher = build_teacher(args.size, args.image_size, args.device)
+    n = teacher.spec.num_tokens
+    settings = SamplingSettings(cfg=args.cfg, top_k=args.top_k, top_p=1.0)
+    print(f"GPT-{args.size} {args.image_size}px ({n} tokens), {sum(p.numel() for p in teacher.gpt.parameters()):,} "
+          f"params, fp32, device {args.device}, {torch.get_num_threads()} threads, cfg {args.cfg} top-k {args.top_k}")
+    rows = []
+    with torch.no_grad():
+        for B in args.batch:
+            labels = torch.arange(B, device=args.device) % teacher.spec.num_classes
+            gen = torch.Generator(device=args.device).manual_seed(0)
+            tokens = teacher.sample(labels, settings, generator=gen)  # warm-up, and tokens for the pass
+            sample_s = timed(lambda: teacher.sample(labels, settings, generator=gen), args.repeats, args.device)
+            tf_s = timed(lambda: teacher.logits(tokens, labels), args.repeats, args.device)
+            rows.append((B, statistics.median(sample_s), min(sample_s), statistics.median(tf_s), min(tf_s)))
+
+    print()
+    print(f"| batch | {n}-step KV-cached CFG sample (s), median / min | teacher-forced {n}-token pass (s), "
+          f"median / min | ratio of medians |")
+    print("|---|---|---|---|")
+    for B, s, s_min, t, t_min in rows:
+        print(f"| {B} | {s:.2f} / {s_min:.2f} | {t:.3f} / {t_min:.3f} | {s / t:.0f}x |")
+    if args.device == "cpu":
+        step_bytes, step_s = streaming_floor(teacher, args.repeats)
+        print(f"\nweights read per decoding step: {step_bytes / 1e6:.0f} MB; streaming them now takes {step_s * 1e3:.1f} ms "
+              f"({step_bytes / step_s / 1e9:.1f} GB/s) -> memory floor of {n} steps: {n * step_s:.2f} s")
+    if args.size == "B" and args.image_size == 256 and args.device == "cpu":
+        for B, s, _, t, _ in rows:
+            if B == 1:
+                print(f"\nupstream reference at batch 1 on the development CPU: sample {UPSTREAM_SAMPLE_B1_S} s, "
+                      f"teacher-forced {UPSTREAM_TEACHER_FORCED_B1_S} s -> sampling here is "
+                      f"{UPSTREAM_SAMPLE_B1_S / s:.2f}x faster than upstream")
+
+
+if __name__ == "__main__":
+    main()
