@@ -273,16 +273,10 @@ def distill(
 
 
 def _register_more_commands() -> None:
-    """Commands that live in their own modules (each registers itself; none imports torch at import)."""
-    import importlib
+    """Commands that live in their own modules (none imports torch at import time)."""
+    from . import cli_eval, cli_export, cli_sample
 
-    for name in ("cli_sample", "cli_eval", "cli_export"):
-        try:
-            module = importlib.import_module(f".{name}", __package__)
-        except ModuleNotFoundError as exc:
-            if exc.name != f"{__package__}.{name}":
-                raise
-            continue
+    for module in (cli_sample, cli_eval, cli_export):
         module.register(app)
 
 

@@ -134,7 +134,9 @@ class _Run:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.settings.seed)  # the same fresh head on every rank and every resume
             head = MLPHead(self.spec.latent_dim, backbone.feature_dim, h.width, h.depth, h.mlp_ratio)
-        return ARDiffusion(backbone, head.to(self.device)).eval()
+        model = ARDiffusion(backbone, head.to(self.device)).eval()
+        model.checkpoint_backbone = self.settings.activation_checkpointing
+        return model
 
     def labels(self, n: int) -> torch.Tensor:
         return torch.randint(0, self.spec.num_classes, (n,), generator=self.gen_data, device=self.device)
@@ -516,6 +518,8 @@ def run(req: DistillRequest, progress: Progress | None = None,
     try:
         variant = get_variant(info["teacher"])
         teacher = variant.load(info.get("weights") or None, device=device).eval().requires_grad_(False)
+        if settings.adapt.steps > 0:
+            teacher = _adapt(teacher, settings, run_dir, dist, device, progress)
         info["teacher_identity"] = teacher.identity()
         if dist.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -547,6 +551,24 @@ def run(req: DistillRequest, progress: Progress | None = None,
         return result
     finally:
         cleanup(dist)
+
+
+def _adapt(teacher: Teacher, settings: DistillSettings, run_dir: Path, dist: DistInfo, device: str,
+           progress: Progress) -> Teacher:
+    """Continuous input adaptation (deterministic under the run's seed, so a resume redoes it identically)."""
+    a = settings.adapt
+    progress.message(f"continuous input adaptation: {a.steps} steps")
+    adapted, report = teacher.adapt_continuous_input(
+        steps=a.steps, batch_size=a.batch_size, lr=a.lr, train_model=a.train_model, noise_std=a.noise_std,
+        generator=torch.Generator(device=device).manual_seed(settings.seed + 555))
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run_dir / "adaptation.json", report)
+    before, after = report.get("before", {}), report.get("after", {})
+    progress.message(f"adaptation: KL {before.get('kl', float('nan')):.3g} → {after.get('kl', float('nan')):.3g}, "
+                     f"argmax agreement {before.get('argmax_agreement', float('nan')):.3f} → "
+                     f"{after.get('argmax_agreement', float('nan')):.3f}")
+    return adapted.eval().requires_grad_(False)
 
 
 def load_generator_from_run(run_dir: Path, device: str = "cpu", which: str = "ema") -> tuple[Generator, Teacher, dict]:

@@ -25,8 +25,14 @@ class ARDiffusion(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.head = head
+        #: recompute the backbone's activations in the backward pass instead of storing them
+        self.checkpoint_backbone = False
 
     def features(self, z_BNd: Tensor, labels_B: Tensor) -> Tensor:
+        if self.checkpoint_backbone and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            return checkpoint(self.backbone, z_BNd, labels_B, use_reentrant=False)
         return self.backbone(z_BNd, labels_B)
 
     def velocity(self, x_BNmd: Tensor, t_BNm: Tensor, f_BNC: Tensor) -> Tensor:

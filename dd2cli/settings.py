@@ -92,6 +92,16 @@ class Stage2Settings:
 
 
 @dataclass
+class AdaptSettings:
+    steps: int = setting(0, "> 0: before stage 1, fine-tune a continuous-input copy of an id-reading teacher "
+                            "(LlamaGen) by KL to the original on its own samples, and use it as the teacher (ours)")
+    batch_size: int = setting(32, "sequences per adaptation step")
+    lr: float = setting(1e-4, "adaptation learning rate")
+    train_model: bool = setting(False, "also fine-tune the teacher transformer, not only the input adapter")
+    noise_std: float = setting(0.05, "Gaussian noise added to codebook vectors during adaptation (robustness)")
+
+
+@dataclass
 class ScoreSettings:
     chunk_size: int = setting(4096, "rows (positions) per chunk of the closed-form score")
     support: int = setting(0, "> 0: pass the teacher's top-k support (k <= support) instead of dense "
@@ -113,9 +123,12 @@ class DistillSettings:
     seed: int = setting(0, "base random seed (ranks add their rank)")
     device: str = setting("auto", "'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:1', ...")
     threads: int = setting(0, "CPU threads for torch (0 = torch's default); 1 is often fastest for tiny models")
+    activation_checkpointing: bool = setting(False, "recompute backbone activations in the backward pass "
+                                                    "(less memory, about one more backbone forward per step)")
     precision: Literal["fp32", "bf16"] = setting("fp32", "bf16 autocast (CUDA only); the closed-form score stays fp32")
     target: SamplingOverride = setting(SamplingOverride(), "teacher sampling that defines the real score "
                                                           "(default: the variant's distillation target)")
+    adapt: AdaptSettings = setting(AdaptSettings(), "optional continuous input adaptation of the teacher")
     head: HeadSettings = setting(HeadSettings(), "the MLP head shared by all three networks")
     stage1: Stage1Settings = setting(Stage1Settings(), "stage 1: AR-diffusion tuning with the GTS loss")
     stage2: Stage2Settings = setting(Stage2Settings(), "stage 2: conditional score distillation")
@@ -141,3 +154,18 @@ class DistillSettings:
         for ts_name, ts in (("stage1.timesteps", self.stage1.timesteps), ("stage2.timesteps", self.stage2.timesteps)):
             if not 0 < ts.t_min < 1:
                 raise ConfigError(f"Setting '{ts_name}.t_min' must be in (0, 1), got {ts.t_min}.")
+
+
+#: Defaults for the bundled CPU demo teachers (`var-digits`, `llamagen-digits`), applied by their plugins.
+#: Smaller head and fewer noise draws (the head dominates the cost at this size); the stage-2 choices
+#: (no per-position weighting, t_min 0.05, several noise draws per position) are what converged best
+#: on the synthetic exact-joint teacher (README, "Proposition 1").
+CPU_DEMO_DEFAULTS: dict = {
+    "threads": 1,  # tiny models: one thread is several times faster than torch's default on 2 cores
+    "head": {"width": 128, "depth": 2},
+    "stage1": {"steps": 600, "batch_size": 64, "lr": 1e-3, "noise_draws": 2, "warmup_steps": 20},
+    "stage2": {"steps": 600, "batch_size": 64, "lr": 3e-4, "guidance_lr": 3e-4, "weighting": False,
+               "generator_draws": 2, "guidance_draws": 2, "grad_clip": 10.0, "warmup_steps": 50,
+               "timesteps": {"t_min": 0.05}},
+    "run": {"checkpoint_every": 200, "sample_every": 200},
+}

@@ -142,6 +142,19 @@ class Teacher(nn.Module, ABC):
         return {"teacher": getattr(self, "variant_name", type(self).__name__)}
 
     # ---- export ---------------------------------------------------------------------------------
+    def adapt_continuous_input(self, *, steps: int, batch_size: int, lr: float, train_model: bool,
+                               noise_std: float, generator: torch.Generator | None = None) -> tuple["Teacher", dict]:
+        """Data-free continuous input adaptation (optional; for teachers whose `spec.reads_ids`).
+
+        Returns `(adapted teacher, report)`: a teacher that reads continuous latents (so the CSD
+        teacher probabilities see generated vectors, not their nearest ids), fine-tuned to match this
+        one by KL on its own samples, and a JSON-able report (KL / agreement before and after).
+        """
+        raise NotImplementedError(
+            f"teacher '{getattr(self, 'variant_name', type(self).__name__)}' ({type(self).__name__}) offers no "
+            f"continuous input adaptation; leave adapt.steps at 0."
+        )
+
     def bundle_parts(self, backbone: Backbone):
         """What `dd2 export` needs to rebuild `backbone` and the decoder without this teacher.
 

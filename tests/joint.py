@@ -110,3 +110,22 @@ def report(run_dir: Path, n: int = 20000) -> dict[str, float]:
         "generator (raw)": tv_generator(raw, teacher, n),
         "generator (EMA)": tv_generator(ema, teacher, n),
     }
+
+
+def generator_at(run_dir: Path, stage2_step: int, which: str = "ema"):
+    """(generator, teacher) from the stage-2 checkpoint of `run_dir` at `stage2_step`."""
+    from dd2cli.checkpoint import Checkpoint
+    from dd2cli.config import from_dict
+    from dd2cli.distill import Progress, _Run
+    from dd2cli.distributed import DistInfo
+    from dd2cli.files import read_json
+    from dd2cli.plugins import get_variant
+    from dd2cli.settings import DistillSettings
+
+    info = read_json(Path(run_dir) / "config.json")
+    teacher = get_variant(info["teacher"]).load().eval()
+    r = _Run(Path(run_dir), from_dict(DistillSettings, info["settings"]), teacher, info["teacher"], DistInfo(), "cpu",
+             Progress())
+    gen = Generator(r.new_model()).eval()
+    Checkpoint(Path(run_dir) / "checkpoints" / f"stage2-{stage2_step:07d}").load_module(which, gen)
+    return gen, teacher

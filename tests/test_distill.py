@@ -184,3 +184,39 @@ def test_two_process_gloo_replicas_stay_identical_and_batch_is_split(tmp_path):
         assert b0["shape"][0] == 4 and b1["shape"][0] == 4  # the global batch of 8, split in two
         assert b0["tokens"] != b1["tokens"] or b0["labels"] != b1["labels"]  # different data per rank
     assert len(r0["gts_batches"]) == 4
+
+
+def test_stage1_from_token_dataset_and_cached_shards(synthetic_plugin, tmp_path):
+    from dd2cli.files import save_safetensors
+    from synthetic import SyntheticTeacher
+
+    t = SyntheticTeacher()
+    labels = torch.randint(0, 2, (64,), generator=torch.Generator().manual_seed(0))
+    tokens = t.sample(labels, t.spec.stage1, generator=torch.Generator().manual_seed(1))
+    save_safetensors(tmp_path / "tokens.safetensors", {"tokens": tokens, "labels": labels})
+    res = runner.invoke(app, ["distill", "--teacher", "synthetic-corr", "--out", str(tmp_path / "a"), *TINY,
+                              "--set", f"stage1.data={tmp_path / 'tokens.safetensors'}", "--stage", "1"])
+    assert res.exit_code == 0, res.output
+    save_safetensors(tmp_path / "bad.safetensors", {"tokens": tokens[:, :2], "labels": labels})
+    res = runner.invoke(app, ["distill", "--teacher", "synthetic-corr", "--out", str(tmp_path / "b"), *TINY,
+                              "--set", f"stage1.data={tmp_path / 'bad.safetensors'}"])
+    assert res.exit_code == 2 and "needs (N, 3)" in res.output
+    out = tmp_path / "c"
+    res = runner.invoke(app, ["distill", "--teacher", "synthetic-corr", "--out", str(out), *TINY,
+                              "--set", "stage1.cache_sequences=100", "--set", "activation_checkpointing=true"])
+    assert res.exit_code == 0, res.output
+    shard = load_safetensors(out / "data" / "shard-00000.safetensors")[0]
+    assert shard["tokens"].shape == (100, 3)
+
+
+def test_llamagen_digits_with_continuous_input_adaptation(tmp_path):
+    import importlib
+
+    plugins.register_plugin(importlib.import_module("dd2_llamagen"), name="llamagen")
+    out = tmp_path / "run"
+    res = runner.invoke(app, ["distill", "--teacher", "llamagen-digits", "--out", str(out), *TINY,
+                              "--set", "adapt.steps=3", "--set", "adapt.batch_size=4"])
+    assert res.exit_code == 0, res.output
+    report = json.loads((out / "adaptation.json").read_text())
+    assert report["steps"] == 3 and "kl" in report["after"]
+    assert "adaptation: KL" in res.output

@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from dd2cli import hookimpl
+from dd2cli.settings import CPU_DEMO_DEFAULTS
 from dd2cli.teachers import Family, Variant, WeightFile
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
@@ -81,6 +82,7 @@ def digits_variant() -> Variant:
                        bundled=WEIGHTS_DIR / "llamagen_digits_vq.safetensors"),
         ),
         image_size=16,
+        distill_defaults=CPU_DEMO_DEFAULTS,
         options={"config": str(WEIGHTS_DIR / "llamagen_digits.json")},
     )
 

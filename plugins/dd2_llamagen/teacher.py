@@ -382,6 +382,15 @@ class LlamaGenTeacher(Teacher):
                 "continuous_input": self.input_adapter is not None}
 
     # ---- export -----------------------------------------------------------------------------------
+    def adapt_continuous_input(self, *, steps: int, batch_size: int, lr: float, train_model: bool,
+                               noise_std: float, generator: torch.Generator | None = None):
+        """`dd2 distill`'s optional adaptation step (see `dd2_llamagen.adapt.adapt_teacher`)."""
+        from .adapt import adapt_teacher
+
+        report = adapt_teacher(self, steps=steps, batch_size=batch_size, lr=lr, generator=generator,
+                               train_model=train_model, noise_std=noise_std)
+        return report.teacher, report.as_dict()
+
     def bundle_parts(self, backbone: LlamaGenBackbone):
         """Configs, decoder weights and codebook for `dd2 export` (see `dd2_llamagen.export`)."""
         from .export import bundle_parts  # dd2cli.export loads only when a bundle is made

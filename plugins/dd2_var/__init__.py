@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Mapping
 
 from dd2cli import hookimpl
+from dd2cli.config import deep_merge
+from dd2cli.settings import CPU_DEMO_DEFAULTS
 from dd2cli.teachers import Family, SamplingSettings, Variant, WeightFile
 
 _HF = "https://huggingface.co/FoundationVision/var/resolve/main"
@@ -89,7 +91,7 @@ def _digits() -> Variant:
                        description="var-digits tokenizer", bundled=WEIGHTS_DIR / "var_digits_vae.safetensors"),
         ),
         image_size=16,
-        distill_defaults=_distill_defaults(),
+        distill_defaults=deep_merge(CPU_DEMO_DEFAULTS, {"stage1": {"head_only_steps": 100}}),
         options={"config": str(DIGITS_CONFIG), "stage1": DIGITS_STAGE1, "target": DIGITS_TARGET,
                  "evaluation": DIGITS_EVALUATION},
     )
