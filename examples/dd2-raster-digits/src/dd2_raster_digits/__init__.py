@@ -1,0 +1,47 @@
+"""dd2 teacher family plugin "raster": a raster-order AR transformer over 8×8 digit grey levels.
+
+One variant, `raster-digits`, whose weights ship inside this package (trained by `train.py`).
+This module imports no torch, so `dd2 --help` and `dd2 teachers` stay instant: the network and the
+teacher contract live in `dd2_raster_digits.model`, imported only when the teacher is loaded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dd2cli import hookimpl
+from dd2cli.settings import CPU_DEMO_DEFAULTS
+from dd2cli.teachers import Family, Variant, WeightFile
+
+__version__ = "0.1.0"
+
+WEIGHTS_FILE = Path(__file__).parent / "weights" / "raster_digits.safetensors"
+
+
+def _load(variant, weight_paths, device):
+    from .model import load_teacher  # heavy imports (torch) only when the teacher is used
+
+    return load_teacher(variant, weight_paths, device)
+
+
+VARIANT = Variant(
+    name="raster-digits",
+    description="Raster-order AR transformer (2 layers, width 64) on 8x8 scikit-learn digits, "
+                "64 tokens x 17 grey levels, bundled (no download)",
+    loader=_load,
+    weights=(WeightFile(key="model", filename="raster_digits.safetensors",
+                        description="raster transformer weights", bundled=WEIGHTS_FILE),),
+    image_size=8,
+    distill_defaults=CPU_DEMO_DEFAULTS,
+)
+
+FAMILY = Family(
+    name="raster",
+    description="Example third-party family: raster-order pixel AR model (dd2-raster-digits)",
+    variants=(VARIANT,),
+)
+
+
+@hookimpl
+def dd2_register_teachers(register):
+    register(FAMILY)
