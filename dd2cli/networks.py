@@ -6,8 +6,6 @@ latents) and an `MLPHead` (velocity from `(x, t, f)`).
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import Tensor, nn
 
@@ -85,10 +83,6 @@ class Generator(nn.Module):
         t_BN1 = torch.ones(eps_BNd.shape[:2] + (1,), device=eps_BNd.device)
         v_BNd = self.model.velocity(eps_BNd[:, :, None], t_BN1, f_BNC)[:, :, 0]
         return eps_BNd - v_BNd
-
-
-def copy_model(model: ARDiffusion) -> ARDiffusion:
-    return copy.deepcopy(model)
 
 
 @torch.no_grad()
