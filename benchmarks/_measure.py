@@ -54,10 +54,8 @@ def peak_memory(device: str):
         out["peak"] = peak[0] - base
 
 
-def timeit(fn, repeats: int = 3, warmup: int = 1, device: str = "cpu") -> float:
-    """Median wall seconds of `fn()`."""
-    for _ in range(warmup):
-        fn()
+def time_runs(fn, repeats: int, device: str = "cpu") -> list[float]:
+    """Wall seconds of each of `repeats` calls of `fn()` (CUDA work included)."""
     times = []
     for _ in range(repeats):
         if device.startswith("cuda"):
@@ -67,7 +65,14 @@ def timeit(fn, repeats: int = 3, warmup: int = 1, device: str = "cpu") -> float:
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return times
+
+
+def timeit(fn, repeats: int = 3, warmup: int = 1, device: str = "cpu") -> float:
+    """Median wall seconds of `fn()`."""
+    for _ in range(warmup):
+        fn()
+    return statistics.median(time_runs(fn, repeats, device))
 
 
 def mib(n: float) -> str:

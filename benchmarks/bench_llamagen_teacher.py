@@ -17,10 +17,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
+import sys
+from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).parent))
+from _measure import time_runs  # noqa: E402
 from dd2cli.teachers import SamplingSettings
 from dd2_llamagen.gpt import GPTConfig, LlamaGenGPT
 from dd2_llamagen.teacher import LlamaGenTeacher
@@ -46,19 +49,6 @@ def build_teacher(size: str, image_size: int, device: str) -> LlamaGenTeacher:
     return LlamaGenTeacher(gpt, vq, variant_name=f"llamagen-{size.lower()}-random", image_size=image_size)
 
 
-def timed(fn, repeats: int, device: str) -> list[float]:
-    out = []
-    for _ in range(repeats):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        out.append(time.perf_counter() - t0)
-    return out
-
-
 def streaming_floor(teacher: LlamaGenTeacher, repeats: int) -> tuple[float, float]:
     """(bytes of weights each decoding step must read, seconds to stream that many bytes now).
 
@@ -69,7 +59,7 @@ def streaming_floor(teacher: LlamaGenTeacher, repeats: int) -> tuple[float, floa
     step_bytes = sum(p.numel() * p.element_size() for n, p in teacher.gpt.named_parameters()
                      if p.dim() == 2 and "embedding" not in n)
     buf = torch.ones(step_bytes // 4)
-    return step_bytes, min(timed(lambda: buf.sum(), max(repeats, 5), "cpu"))
+    return step_bytes, min(time_runs(lambda: buf.sum(), max(repeats, 5), "cpu"))
 
 
 def main() -> None:
@@ -97,8 +87,8 @@ def main() -> None:
             labels = torch.arange(B, device=args.device) % teacher.spec.num_classes
             gen = torch.Generator(device=args.device).manual_seed(0)
             tokens = teacher.sample(labels, settings, generator=gen)  # warm-up, and tokens for the pass
-            sample_s = timed(lambda: teacher.sample(labels, settings, generator=gen), args.repeats, args.device)
-            tf_s = timed(lambda: teacher.logits(tokens, labels), args.repeats, args.device)
+            sample_s = time_runs(lambda: teacher.sample(labels, settings, generator=gen), args.repeats, args.device)
+            tf_s = time_runs(lambda: teacher.logits(tokens, labels), args.repeats, args.device)
             rows.append((B, statistics.median(sample_s), min(sample_s), statistics.median(tf_s), min(tf_s)))
 
     print()

@@ -15,21 +15,21 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).parent))
+from _measure import time_runs  # noqa: E402
 from dd2_var import EVALUATION
 from dd2_var.config import vae_config, var_config
 from dd2_var.teacher import new_teacher
 
 
 def _median_time(fn, repeats: int) -> tuple[float, list[float]]:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
+    times = time_runs(fn, repeats)
     return statistics.median(times), times
 
 

@@ -12,15 +12,6 @@ from dd2_llamagen.teacher import LlamaGenTeacher
 from dd2_llamagen.vq import VQConfig, VQModel
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models: thread start-up costs more than it saves on a shared 2-core machine
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _underfitted_teacher():
     """A random miniature whose adapter has too few features to fit tok_embeddings (large KL)."""
     torch.manual_seed(0)

@@ -13,15 +13,6 @@ from dd2_llamagen.teacher import ContinuousInputAdapter, LlamaGenBackbone, Llama
 from dd2_llamagen.vq import VQConfig, VQModel
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models: thread start-up costs more than it saves on a shared 2-core machine
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _mini_teacher(seed=0, vocab=64, **kw):
     torch.manual_seed(seed)
     gpt = LlamaGenGPT(GPTConfig(dim=64, n_layer=2, n_head=2, vocab_size=vocab, block_size=16, num_classes=10))

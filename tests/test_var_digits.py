@@ -11,14 +11,6 @@ from dd2cli.files import read_json
 from dd2cli.testing import check_teacher
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: extra threads only add contention
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def digits():
     plugins.reset()

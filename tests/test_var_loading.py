@@ -18,14 +18,6 @@ MINI_VAR = VARConfig(depth=2, width=128, num_heads=2, num_classes=10, vocab_size
 MINI_VAE = VQVAEConfig(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, patch_nums=(1, 2, 4))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: extra threads only add contention
-    yield
-    torch.set_num_threads(n)
-
-
 def _random_state(module: torch.nn.Module, seed: int) -> dict:
     """Every key of the module with random values (buffers keep their exact values)."""
     g = torch.Generator().manual_seed(seed)

@@ -19,14 +19,6 @@ SETTINGS = dict(stage1=SamplingSettings(cfg=2.0, top_k=16, top_p=1.0),
                 evaluation=SamplingSettings(cfg=1.5, top_k=16, top_p=0.96))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: extra threads only add contention
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def mini():
     return new_teacher(MINI_VAR, MINI_VAE, seed=0, variant_name="var-mini", **SETTINGS)
