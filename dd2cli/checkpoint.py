@@ -55,8 +55,8 @@ def _unflatten_optimizer(tensors: Mapping[str, torch.Tensor], scalars: Mapping[s
     return {"state": state, "param_groups": scalars["param_groups"]}
 
 
-def save_checkpoint(run_dir: Path, stage: int, step: int, modules: Mapping[str, torch.nn.Module],
-                    optimizers: Mapping[str, torch.optim.Optimizer], state: Mapping[str, Any],
+def save_checkpoint(run_dir: Path, stage: int, step: int, modules: Mapping[str, torch.nn.Module | Mapping],
+                    optimizers: Mapping[str, torch.optim.Optimizer | Mapping], state: Mapping[str, Any],
                     rng: Mapping[str, torch.Tensor], keep: int = 2) -> Path:
     """Write a complete checkpoint atomically and point `latest.json` at it."""
     run_dir = Path(run_dir)
@@ -66,12 +66,14 @@ def save_checkpoint(run_dir: Path, stage: int, step: int, modules: Mapping[str, 
     final = root / name
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
     try:
-        weights = {f"{m}.{k}": v for m, mod in modules.items() for k, v in mod.state_dict().items()}
+        # modules / optimizers may be given as already gathered state dicts (FSDP)
+        weights = {f"{m}.{k}": v for m, mod in modules.items()
+                   for k, v in (mod if isinstance(mod, Mapping) else mod.state_dict()).items()}
         save_safetensors(tmp / "modules.safetensors", weights)
         opt_tensors: dict[str, torch.Tensor] = {}
         opt_scalars: dict[str, Any] = {}
         for oname, opt in optimizers.items():
-            t, s = _flatten_optimizer(opt.state_dict(), oname)
+            t, s = _flatten_optimizer(opt if isinstance(opt, Mapping) else opt.state_dict(), oname)
             opt_tensors.update(t)
             opt_scalars[oname] = s
         opt_tensors.update({f"rng.{k}": v for k, v in rng.items()})
@@ -136,8 +138,11 @@ class Checkpoint:
     def load_module(self, name: str, module: torch.nn.Module) -> None:
         module.load_state_dict(self.module_state(name), strict=True)
 
+    def optimizer_state(self, name: str) -> dict:
+        return _unflatten_optimizer(self._opt_tensors, self.state["optimizers"][name], name)
+
     def load_optimizer(self, name: str, opt: torch.optim.Optimizer) -> None:
-        opt.load_state_dict(_unflatten_optimizer(self._opt_tensors, self.state["optimizers"][name], name))
+        opt.load_state_dict(self.optimizer_state(name))
 
     def rng(self) -> dict[str, torch.Tensor]:
         return {k[4:]: v for k, v in self._opt_tensors.items() if k.startswith("rng.")}

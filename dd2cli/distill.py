@@ -24,7 +24,8 @@ from .checkpoint import (Checkpoint, append_metrics, check_new_run_dir, final_st
                          mark_final, save_checkpoint, truncate_metrics)
 from .config import deep_merge, from_dict, load_settings, parse_override, to_dict
 from .distributed import (DistInfo, average_gradients, average_scalar, barrier, broadcast_module, cleanup,
-                          init_from_env)
+                          clip_sharded_gradients, full_optimizer_state, full_state_dict, init_from_env,
+                          load_optimizer_state, reshard, shard_model)
 from .errors import ConfigError, DD2Error
 from .files import load_safetensors, read_json, save_safetensors, write_json
 from .heads import MLPHead
@@ -96,6 +97,8 @@ class _Run:
         self.run_dir, self.settings, self.teacher, self.variant = run_dir, settings, teacher, variant
         self.dist, self.device, self.progress = dist, device, progress
         self.spec = teacher.spec
+        #: FSDP only means something with several ranks; one process trains unsharded
+        self.sharded = settings.parallel == "fsdp" and dist.enabled
         self.target = settings.target.apply(self.spec.target)
         self.data_sampling = settings.stage1.sampling.apply(self.spec.stage1)
         # separate generators: data (what the teacher draws) and training noise, both checkpointed
@@ -121,7 +124,31 @@ class _Run:
             state["cuda"] = torch.cuda.get_rng_state()
         return state
 
-    def restore_rng(self, state: Mapping[str, torch.Tensor]) -> None:
+    def all_rng_states(self) -> dict[str, torch.Tensor]:
+        """Every rank's generators (collective): rank 0's under their plain names, rank r's as `r{r}.name`,
+        so that after a resume each rank continues its own data and noise streams."""
+        mine = self.rng_state()
+        if not self.dist.enabled:
+            return mine
+        import torch.distributed as dist
+
+        gathered: list = [None] * self.dist.world_size
+        dist.all_gather_object(gathered, {k: v.cpu() for k, v in mine.items()})
+        out = dict(gathered[0])
+        for r, states in enumerate(gathered[1:], start=1):
+            out.update({f"r{r}.{k}": v for k, v in states.items()})
+        return out
+
+    def restore_rng(self, saved: Mapping[str, torch.Tensor]) -> None:
+        r = self.dist.rank
+        if r == 0:
+            state = {k: v for k, v in saved.items() if "." not in k}
+        else:
+            state = {k[len(f"r{r}."):]: v for k, v in saved.items() if k.startswith(f"r{r}.")}
+        if not state:  # saved with fewer ranks: this rank's streams restart from its seed (a fresh stream)
+            self.progress.message(f"rank {r}: the checkpoint holds no random state for this rank; "
+                                  "its data and noise streams restart from the seed")
+            return
         self.gen_data.set_state(state["data"])
         self.gen_train.set_state(state["train"])
         torch.set_rng_state(state["torch"])
@@ -146,9 +173,15 @@ class _Run:
             append_metrics(self.run_dir, {"stage": stage, "step": step, "time": round(time.time(), 3), **metrics})
 
     def checkpoint(self, stage: int, step: int, modules, optimizers, state) -> Path | None:
+        """Every rank calls this (gathering sharded state is collective); rank 0 writes."""
         path = None
+        rng = self.all_rng_states()
+        if self.sharded:  # each optimiser is keyed like the module it updates
+            self.resharded(*modules.values())
+            optimizers = {k: full_optimizer_state(modules[k], opt, True) for k, opt in optimizers.items()}
+            modules = {k: full_state_dict(m, True) for k, m in modules.items()}
         if self.dist.is_main:
-            path = save_checkpoint(self.run_dir, stage, step, modules, optimizers, state, self.rng_state(),
+            path = save_checkpoint(self.run_dir, stage, step, modules, optimizers, state, rng,
                                    keep=self.settings.run.keep_checkpoints)
         barrier(self.dist)
         return path
@@ -163,7 +196,7 @@ class _Run:
 
     def grid(self, generator_net: Generator, name: str) -> Path | None:
         """One row per class (up to 10), `grid_per_class` samples each, fixed noise."""
-        if not self.dist.is_main:
+        if not self.dist.is_main and not self.sharded:  # a sharded forward needs every rank
             return None
         per = self.settings.run.grid_per_class
         ncls = min(self.spec.num_classes, 10)
@@ -173,9 +206,23 @@ class _Run:
         with torch.no_grad(), self.autocast():
             q = generator_net(eps, labels).float()
             images = self.teacher.decode(self.teacher.as_tokens(q))
+        if not self.dist.is_main:
+            return None
         path = self.run_dir / "samples" / f"{name}.png"
         save_grid(path, images, ncol=per)
         return path
+
+    def shard(self, model: ARDiffusion) -> None:
+        if self.sharded:
+            shard_model(model)
+
+    def resharded(self, *modules: torch.nn.Module) -> None:
+        if self.sharded:
+            reshard(*modules)
+
+    def reduce_gradients(self, params) -> None:
+        if not self.sharded:  # FSDP reduce-scatters (averages) gradients in its backward hooks
+            average_gradients(params, self.dist)
 
 
 def _lr_at(step: int, base: float, warmup: int, start: float = 1e-6) -> float:
@@ -190,10 +237,16 @@ def _set_lr(opt: torch.optim.Optimizer, lrs: Mapping[str, float] | float) -> Non
 
 
 def _clip(params, max_norm: float) -> float:
+    """Clip the gradient norm (0 = off); returns the norm before clipping."""
     params = [p for p in params if p.grad is not None]
+    if not params:
+        return 0.0
+    if any(hasattr(p.grad, "to_local") for p in params):
+        return clip_sharded_gradients(params, max_norm)
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
     if max_norm > 0:
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-    return float(torch.norm(torch.stack([p.grad.norm() for p in params]))) if params else 0.0
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return float(norm)
 
 
 # ---- stage-1 data ----------------------------------------------------------------------------------
@@ -266,6 +319,9 @@ def _stage1(run: _Run, ckpt: Checkpoint | None) -> ARDiffusion:
     s1 = run.settings.stage1
     model = run.new_model()
     broadcast_module(model, run.dist)
+    if ckpt is not None:
+        ckpt.load_module("model", model)
+    run.shard(model)  # after loading (checkpoints hold full tensors), before the optimiser sees the params
     head_params = list(model.head.parameters())
     backbone_params = list(model.backbone.parameters())
     opt = torch.optim.AdamW([{"params": head_params, "lr": s1.lr, "name": "head"},
@@ -273,8 +329,7 @@ def _stage1(run: _Run, ckpt: Checkpoint | None) -> ARDiffusion:
                             betas=(0.9, 0.95), weight_decay=s1.weight_decay)
     start = 0
     if ckpt is not None:
-        ckpt.load_module("model", model)
-        ckpt.load_optimizer("model", opt)
+        load_optimizer_state(model, opt, ckpt.optimizer_state("model"), run.sharded)
         run.restore_rng(ckpt.rng())
         start = ckpt.step
     if start >= s1.steps:
@@ -290,7 +345,8 @@ def _stage1(run: _Run, ckpt: Checkpoint | None) -> ARDiffusion:
     for step in range(start, s1.steps):
         # 0. schedule: head only first (backbone frozen), then everything
         backbone_trains = step >= s1.head_only_steps
-        model.backbone.requires_grad_(backbone_trains)
+        if not run.sharded:  # (FSDP keeps requires_grad fixed: its gathered copies would not follow a toggle)
+            model.backbone.requires_grad_(backbone_trains)
         _set_lr(opt, {"head": _lr_at(step, s1.lr, s1.warmup_steps),
                       "backbone": _lr_at(step - s1.head_only_steps, s1.backbone_lr, s1.warmup_steps)
                       if backbone_trains else 0.0})
@@ -304,7 +360,10 @@ def _stage1(run: _Run, ckpt: Checkpoint | None) -> ARDiffusion:
         # 3. update
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        average_gradients(model.parameters(), run.dist)
+        if run.sharded and not backbone_trains:
+            for p in backbone_params:  # frozen as above: Adam skips parameters without a gradient
+                p.grad = None
+        run.reduce_gradients(model.parameters())
         grad_norm = _clip(model.parameters(), s1.grad_clip)
         opt.step()
         loss_value = average_scalar(loss.item(), run.dist)
@@ -338,16 +397,20 @@ def _stage2(run: _Run, psi0: ARDiffusion, ckpt: Checkpoint | None) -> tuple[Gene
     guidance = _init_from(run, psi0, s2.init_guidance)
     gen = Generator(_init_from(run, psi0, s2.init_generator)).eval()
     ema = copy.deepcopy(gen).requires_grad_(False)
+    resuming = ckpt is not None and ckpt.stage == 2
+    if resuming:
+        ckpt.load_module("generator", gen)
+        ckpt.load_module("ema", ema)
+        ckpt.load_module("guidance", guidance)
+    for net in (guidance, gen.model, ema.model):
+        run.shard(net)
     opt_g = torch.optim.Adam([{"params": list(gen.parameters()), "name": "g"}], lr=1e-6, betas=(0.9, 0.95))
     opt_psi = torch.optim.Adam([{"params": list(guidance.parameters()), "name": "psi"}], lr=s2.guidance_lr,
                                betas=(0.9, 0.95))
     start, aligned = 0, False
-    if ckpt is not None and ckpt.stage == 2:
-        ckpt.load_module("generator", gen)
-        ckpt.load_module("ema", ema)
-        ckpt.load_module("guidance", guidance)
-        ckpt.load_optimizer("generator", opt_g)
-        ckpt.load_optimizer("guidance", opt_psi)
+    if resuming:
+        load_optimizer_state(gen, opt_g, ckpt.optimizer_state("generator"), run.sharded)
+        load_optimizer_state(guidance, opt_psi, ckpt.optimizer_state("guidance"), run.sharded)
         run.restore_rng(ckpt.rng())
         start, aligned = ckpt.step, bool(ckpt.state.get("aligned", False))
     batch = run.per_rank(s2.batch_size)
@@ -360,6 +423,7 @@ def _stage2(run: _Run, psi0: ARDiffusion, ckpt: Checkpoint | None) -> tuple[Gene
         return torch.randn(batch, n, d, generator=run.gen_train, device=run.device)
 
     def guidance_update() -> float:
+        run.resharded(guidance, gen)  # (FSDP) start each phase from sharded parameters, see `reshard`
         labels = run.labels(batch)
         with torch.no_grad(), run.autocast():
             q = gen(noise(), labels).float()
@@ -367,7 +431,7 @@ def _stage2(run: _Run, psi0: ARDiffusion, ckpt: Checkpoint | None) -> tuple[Gene
             loss = fcs_loss(guidance, q, labels, draws=s2.guidance_draws, timesteps=timesteps, generator=run.gen_train)
         opt_psi.zero_grad(set_to_none=True)
         loss.backward()
-        average_gradients(guidance.parameters(), run.dist)
+        run.reduce_gradients(guidance.parameters())
         _clip(guidance.parameters(), s2.grad_clip)
         opt_psi.step()
         return average_scalar(loss.item(), run.dist)
@@ -383,7 +447,8 @@ def _stage2(run: _Run, psi0: ARDiffusion, ckpt: Checkpoint | None) -> tuple[Gene
     for it in range(start, s2.steps):
         # 0. performance alignment: generator ← EMA, then guidance-only updates
         if s2.align_at and it == s2.align_at and not aligned:
-            gen.load_state_dict(ema.state_dict())
+            run.resharded(gen, ema)
+            _copy_weights(gen, ema)
             run.progress.message(f"performance alignment: generator ← EMA, {s2.align_steps} guidance updates")
             for _ in range(s2.align_steps):
                 guidance_update()
@@ -394,7 +459,9 @@ def _stage2(run: _Run, psi0: ARDiffusion, ckpt: Checkpoint | None) -> tuple[Gene
             loss_psi = guidance_update()
         # 2. one generator update (guidance frozen)
         _set_lr(opt_g, _lr_at(it, s2.lr, s2.warmup_steps))
-        guidance.requires_grad_(False)
+        run.resharded(guidance, gen)
+        if not run.sharded:
+            guidance.requires_grad_(False)
         labels = run.labels(batch)
         with run.autocast():
             out = csd_loss(gen, guidance, teacher, noise(), labels, target_settings=run.target, alpha=s2.alpha,
@@ -402,11 +469,15 @@ def _stage2(run: _Run, psi0: ARDiffusion, ckpt: Checkpoint | None) -> tuple[Gene
                            **score_kw)
         opt_g.zero_grad(set_to_none=True)
         out.loss.backward()
-        guidance.requires_grad_(True)
-        average_gradients(gen.parameters(), run.dist)
+        if run.sharded:  # the frozen guidance received gradients; drop them (Adam never sees them)
+            opt_psi.zero_grad(set_to_none=True)
+        else:
+            guidance.requires_grad_(True)
+        run.reduce_gradients(gen.parameters())
         grad_norm = _clip(gen.parameters(), s2.grad_clip)
         opt_g.step()
         # 3. progressive EMA
+        run.resharded(ema, gen)
         ema_update(ema, gen, progressive_ema_decay(it, s2.ema_max))
         loss_g = average_scalar(out.loss.item(), run.dist)
         run.check_finite(2, it + 1, csd=loss_g, guidance=loss_psi)
@@ -425,7 +496,17 @@ def _stage2(run: _Run, psi0: ARDiffusion, ckpt: Checkpoint | None) -> tuple[Gene
     if start < s2.steps or ckpt is None or ckpt.stage != 2:
         run.checkpoint(2, s2.steps, modules, optimizers, state())
     grid_path = run.grid(ema, "final") or grid_path
+    if run.sharded:  # hand back plain tensors: the EMA as the final checkpoint holds it
+        ema = Generator(run.new_model()).eval().requires_grad_(False)
+        latest_checkpoint(run.run_dir).load_module("ema", ema)
     return ema, s2.steps, grid_path
+
+
+@torch.no_grad()
+def _copy_weights(dst: torch.nn.Module, src: torch.nn.Module) -> None:
+    """In place, so it works for sharded (DTensor) parameters as well as plain ones."""
+    for a, b in zip(list(dst.parameters()) + list(dst.buffers()), list(src.parameters()) + list(src.buffers())):
+        a.copy_(b)
 
 
 class _SnappingTeacher:
@@ -528,6 +609,9 @@ def run(req: DistillRequest, progress: Progress | None = None,
         if on_ready is not None:
             on_ready(run_dir, info)
         r = _Run(run_dir, settings, teacher, variant.name, dist, device, progress)
+        if settings.parallel == "fsdp" and not dist.enabled:
+            progress.message("parallel = fsdp shards over the processes of torchrun; this single process trains "
+                             "unsharded")
         ckpt = latest_checkpoint(run_dir)
         if ckpt is not None and dist.is_main:
             truncate_metrics(run_dir, ckpt.stage, ckpt.step)
@@ -536,7 +620,7 @@ def run(req: DistillRequest, progress: Progress | None = None,
         # stage 1 (skipped when a later checkpoint exists)
         if ckpt is None or ckpt.stage == 1:
             psi0 = _stage1(r, ckpt)
-        else:
+        if r.sharded or (ckpt is not None and ckpt.stage == 2):  # stage 2 starts from plain (unsharded) weights
             final1 = final_stage1_checkpoint(run_dir)
             psi0 = r.new_model()
             if final1 is not None:

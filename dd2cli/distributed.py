@@ -89,3 +89,108 @@ def cleanup(info: DistInfo) -> None:
 
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+# ---- fully sharded data parallel (FSDP2) -------------------------------------------------------------
+# `parallel = "fsdp"` shards parameters, gradients and optimiser state of the trainable networks over
+# the ranks (for backbones whose three trainable copies plus Adam state do not fit one device).
+# Checkpoints stay in the plain, unsharded layout (gathered on rank 0), so a run can be resumed with
+# either mode and `dd2 sample` / `dd2 export` never see sharded tensors.
+
+def shard_model(model: torch.nn.Module) -> None:
+    """Shard an `ARDiffusion` in place: each block of every `ModuleList`, then backbone and head.
+
+    The head is called through `condition()` as well as `forward()`; FSDP gathers parameters in
+    forward hooks only, so that method is registered explicitly.
+    """
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    for part in (model.backbone, model.head):
+        for sub in list(part.modules()):
+            if isinstance(sub, torch.nn.ModuleList):
+                for block in sub:
+                    if any(True for _ in block.parameters()):
+                        fully_shard(block)
+        fully_shard(part)
+    register_fsdp_forward_method(model.head, "condition")
+
+
+def reshard(*modules: torch.nn.Module) -> None:
+    """Put every FSDP unit back in its sharded state.
+
+    A root unit keeps its gathered parameters after a forward pass (FSDP expects the backward to follow),
+    and a unit whose parameters are frozen is never resharded by a backward; parameter-wise work (EMA,
+    copies, state dicts) must see the sharded parameters the optimisers hold.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in modules:
+        for m in module.modules():
+            if isinstance(m, FSDPModule):
+                m.reshard()
+
+
+def full_state_dict(module: torch.nn.Module, sharded: bool) -> dict[str, torch.Tensor]:
+    """The module's complete state dict on rank 0 (collective when `sharded`; other ranks get {})."""
+    if not sharded:
+        return module.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # on a CPU "offloading" copies nothing: the tensors may share memory that FSDP reuses in the next
+    # collective, so take a private copy before anything else runs
+    return {k: v.detach().clone() for k, v in full.items()}
+
+
+def _param_names(module: torch.nn.Module, opt: torch.optim.Optimizer) -> list[str]:
+    names = {id(p): n for n, p in module.named_parameters()}
+    return [names[id(p)] for group in opt.param_groups for p in group["params"]]
+
+
+def full_optimizer_state(module: torch.nn.Module, opt: torch.optim.Optimizer, sharded: bool) -> dict:
+    """The optimiser's state in `Optimizer.state_dict()` layout (integer ids), gathered when sharded."""
+    if not sharded:
+        return opt.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    osd = get_optimizer_state_dict(module, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not osd:
+        return {}
+    osd = {"state": {n: {k: v.detach().clone() if torch.is_tensor(v) else v for k, v in entry.items()}
+                     for n, entry in osd["state"].items()}, "param_groups": osd["param_groups"]}  # see above
+    index = {name: i for i, name in enumerate(_param_names(module, opt))}
+    groups = [{**g, "params": [index[n] for n in g["params"]]} for g in osd["param_groups"]]
+    return {"state": {index[n]: entry for n, entry in osd["state"].items()}, "param_groups": groups}
+
+
+def load_optimizer_state(module: torch.nn.Module, opt: torch.optim.Optimizer, state: dict, sharded: bool) -> None:
+    """Inverse of `full_optimizer_state`: every rank passes the complete state it read from disk."""
+    if not sharded:
+        opt.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    names = _param_names(module, opt)
+    osd = {"state": {names[int(i)]: entry for i, entry in state["state"].items()},
+           "param_groups": [{**g, "params": [names[int(i)] for i in g["params"]]} for g in state["param_groups"]]}
+    set_optimizer_state_dict(module, opt, osd, options=StateDictOptions(full_state_dict=True))
+
+
+def clip_sharded_gradients(params, max_norm: float) -> float:
+    """Global-norm clipping over sharded (DTensor) gradients; returns the norm before clipping.
+
+    The squared norms of the local shards are summed over ranks explicitly, so every rank scales by
+    the same factor (what `clip_grad_norm_` computes on whole tensors: max_norm / (norm + 1e-6), at most 1).
+    """
+    import torch.distributed as dist
+
+    local = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in params]
+    sq = torch.stack([g.detach().float().pow(2).sum() for g in local]).sum()
+    dist.all_reduce(sq)
+    norm = float(sq.sqrt())
+    if max_norm > 0:
+        coef = min(1.0, max_norm / (norm + 1e-6))
+        if coef < 1.0:
+            for g in local:
+                g.mul_(coef)
+    return norm

@@ -126,6 +126,9 @@ class DistillSettings:
     activation_checkpointing: bool = setting(False, "recompute backbone activations in the backward pass "
                                                     "(less memory, about one more backbone forward per step)")
     precision: Literal["fp32", "bf16"] = setting("fp32", "bf16 autocast (CUDA only); the closed-form score stays fp32")
+    parallel: Literal["ddp", "fsdp"] = setting("ddp", "under torchrun: 'ddp' replicates the networks on every rank; "
+                                                      "'fsdp' shards their parameters, gradients and optimiser "
+                                                      "state (FSDP2) for backbones that do not fit one device")
     target: SamplingOverride = setting(SamplingOverride(), "teacher sampling that defines the real score "
                                                           "(default: the variant's distillation target)")
     adapt: AdaptSettings = setting(AdaptSettings(), "optional continuous input adaptation of the teacher")
