@@ -270,6 +270,35 @@ def distill(
     console.print(f"Done: {result.run_dir}", highlight=False)
     if result.grid is not None:
         console.print(f"Sample grid: {result.grid}", highlight=False)
+    _quality_table(result.run_dir, device)
+
+
+def _quality_table(run_dir: Path, device: Optional[str]) -> None:
+    """`run.eval_samples > 0` (the digits demo): one-step vs teacher vs set-prediction, in the digits space."""
+    import os
+
+    from .files import read_json
+    from .report import quality_report
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    settings = read_json(run_dir / "config.json")["settings"]
+    n = int(settings.get("run", {}).get("eval_samples", 0))
+    if n <= 0:
+        return
+    say = None if state.quiet else (lambda m: console.print(m, style="dim", highlight=False))
+    rows = quality_report(run_dir, n, device=device or settings.get("device", "auto"), on_message=say)
+    table = Table(title=f"Quality on {n} balanced samples (digits features; dd2 eval all --features digits "
+                        f"{run_dir}/quality/*)")
+    for col in ("sampler", "digits-FID", "precision", "recall", "class-consistency", "images/s"):
+        table.add_column(col, justify="left" if col == "sampler" else "right")
+    for r in rows:
+        m = r.metrics
+        table.add_row(r.name, f"{m.get('fid', float('nan')):.1f}", f"{m.get('precision', float('nan')):.3f}",
+                      f"{m.get('recall', float('nan')):.3f}", f"{m.get('class_consistency', float('nan')):.3f}",
+                      f"{r.images_per_s:.0f}")
+    console.print(table)
+    console.print(f"Written: {run_dir / 'quality.json'}", highlight=False)
 
 
 def _register_more_commands() -> None:

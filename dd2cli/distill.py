@@ -30,7 +30,7 @@ from .errors import ConfigError, DD2Error
 from .files import load_safetensors, read_json, save_safetensors, write_json
 from .heads import MLPHead
 from .images import save_grid
-from .losses import TimestepSpec, csd_loss, fcs_loss, gts_loss
+from .losses import TimestepSpec, csd_loss, fcs_loss, gts_loss, step_balance_weights
 from .networks import ARDiffusion, Generator, ema_update, progressive_ema_decay
 from .settings import DistillSettings
 from .teacher import Teacher
@@ -418,6 +418,7 @@ def _stage2(run: _Run, psi0: ARDiffusion, ckpt: Checkpoint | None) -> tuple[Gene
     n, d = run.spec.num_tokens, run.spec.latent_dim
     score_kw = {"chunk_size": run.settings.score.chunk_size, "support": run.settings.score.support}
     teacher = _SnappingTeacher(run.teacher) if s2.snap_prefix else run.teacher
+    position_w = step_balance_weights(run.spec.steps, run.device) if s2.balance_steps else None
 
     def noise() -> torch.Tensor:
         return torch.randn(batch, n, d, generator=run.gen_train, device=run.device)
@@ -428,7 +429,8 @@ def _stage2(run: _Run, psi0: ARDiffusion, ckpt: Checkpoint | None) -> tuple[Gene
         with torch.no_grad(), run.autocast():
             q = gen(noise(), labels).float()
         with run.autocast():
-            loss = fcs_loss(guidance, q, labels, draws=s2.guidance_draws, timesteps=timesteps, generator=run.gen_train)
+            loss = fcs_loss(guidance, q, labels, draws=s2.guidance_draws, timesteps=timesteps, generator=run.gen_train,
+                            position_weights_N=position_w)
         opt_psi.zero_grad(set_to_none=True)
         loss.backward()
         run.reduce_gradients(guidance.parameters())
@@ -466,7 +468,7 @@ def _stage2(run: _Run, psi0: ARDiffusion, ckpt: Checkpoint | None) -> tuple[Gene
         with run.autocast():
             out = csd_loss(gen, guidance, teacher, noise(), labels, target_settings=run.target, alpha=s2.alpha,
                            timesteps=timesteps, weighting=s2.weighting, draws=s2.generator_draws, generator=run.gen_train,
-                           **score_kw)
+                           position_weights_N=position_w, **score_kw)
         opt_g.zero_grad(set_to_none=True)
         out.loss.backward()
         if run.sharded:  # the frozen guidance received gradients; drop them (Adam never sees them)

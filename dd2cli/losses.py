@@ -76,8 +76,21 @@ def gts_loss(model: ARDiffusion, teacher: Teacher, tokens_BN: Tensor, labels_B: 
     return (pred - target).square().mean()
 
 
+def step_balance_weights(steps: tuple[int, ...], device=None) -> Tensor:
+    """Per-position weights `(N,)` that give every AR step the same total weight (mean 1).
+
+    A plain mean over positions lets the many tokens of late steps dominate (VAR: 1 token at step 0,
+    256 at step 9), so the early steps that decide the global layout learn slowest. Identity for
+    teachers with one token per step.
+    """
+    steps_N = torch.tensor(steps, device=device)
+    count_N = torch.bincount(steps_N)[steps_N].float()
+    num_steps = int(steps_N.max()) + 1
+    return len(steps) / (num_steps * count_N)
+
+
 def fcs_loss(guidance: ARDiffusion, q_BNd: Tensor, labels_B: Tensor, *, draws: int, timesteps: TimestepSpec,
-             generator: torch.Generator | None = None) -> Tensor:
+             generator: torch.Generator | None = None, position_weights_N: Tensor | None = None) -> Tensor:
     """Guidance (fake conditional score) loss on generated `q` (no grad into the generator)."""
     q_BNd = q_BNd.detach()
     B, N, d = q_BNd.shape
@@ -85,7 +98,10 @@ def fcs_loss(guidance: ARDiffusion, q_BNd: Tensor, labels_B: Tensor, *, draws: i
     t_BNm, eps_BNmd = _draws(B, N, draws, d, timesteps, generator, q_BNd.device)
     x_BNmd = flow.noise(q_BNd[:, :, None], t_BNm, eps_BNmd)
     target_BNmd = eps_BNmd - q_BNd[:, :, None]
-    return (guidance.velocity(x_BNmd, t_BNm, f_BNC) - target_BNmd).square().mean()
+    err_BNm = (guidance.velocity(x_BNmd, t_BNm, f_BNC) - target_BNmd).square().mean(-1)
+    if position_weights_N is not None:
+        err_BNm = err_BNm * position_weights_N[:, None]
+    return err_BNm.mean()
 
 
 @dataclass
@@ -98,7 +114,7 @@ class CSDOutput:
 def csd_loss(generator_net: Generator, guidance: ARDiffusion, teacher: Teacher, eps_BNd: Tensor, labels_B: Tensor, *,
              target_settings: SamplingSettings, alpha: float, timesteps: TimestepSpec, weighting: bool = True,
              draws: int = 1, generator: torch.Generator | None = None, chunk_size: int = 4096,
-             support: int = 0) -> CSDOutput:
+             support: int = 0, position_weights_N: Tensor | None = None) -> CSDOutput:
     """Conditional score distillation loss for one generator update (guidance frozen by the caller).
 
     `draws` noisy copies `(t, ε')` per position share one generator pass, one teacher pass and one
@@ -131,5 +147,7 @@ def csd_loss(generator_net: Generator, guidance: ARDiffusion, teacher: Teacher, 
         w = (1.0 / ((q_BN1d - D_real).abs().mean(-1) + 1e-5)).detach()
     else:
         w = torch.ones_like(per_draw)
+    if position_weights_N is not None:
+        w = w * position_weights_N[:, None]
     loss = (w * per_draw).mean()
     return CSDOutput(loss=loss, weight_mean=float(w.mean()), score_gap=float(gap.detach().square().sum(-1).mean()))

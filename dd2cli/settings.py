@@ -75,6 +75,8 @@ class Stage2Settings:
     warmup_steps: int = setting(100, "generator learning rate warms up linearly from 1e-6 over these updates")
     alpha: float = setting(1.0, "SiD's α (paper: 1.0)")
     weighting: bool = setting(True, "per-position weight 1/(mean|q − D_real| + 1e-5) (ours, DMD/SiD-style)")
+    balance_steps: bool = setting(False, "weight positions so that every AR step counts equally in both stage-2 "
+                                         "losses (ours; matters for VAR, whose late scales hold most tokens)")
     guidance_draws: int = setting(1, "noisy draws per position in each guidance update")
     generator_draws: int = setting(1, "noisy draws per position in each generator update (variance reduction)")
     ema_max: float = setting(0.9999, "cap of the progressive EMA rate min(cap, (it+1)/(it+10))")
