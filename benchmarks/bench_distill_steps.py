@@ -51,23 +51,28 @@ def build(config: str, device: str):
     return teacher.to(device).eval().requires_grad_(False), target
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--config", default="mini", choices=["mini", "d16"])
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--draws", type=int, default=4, help="noise draws per position (stage 1)")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: CUDA autocast")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", default=None)
-    args = ap.parse_args()
-    if args.quick:
-        args.batch, args.repeats = 4, 2
-    torch.manual_seed(0)
+    return ap
+
+
+def run(args) -> dict:
+    """Times and peak memory of the four steps; returns {"rows": {name: {...}}, "shape": {...}}."""
+    from dd2cli.accel import autocast, check_precision
     from dd2cli.heads import MLPHead
     from dd2cli.losses import TimestepSpec, csd_loss, fcs_loss, gts_loss
     from dd2cli.networks import ARDiffusion, Generator
 
+    check_precision(args.precision, args.device)
+    torch.manual_seed(0)
     dev = args.device
     teacher, target = build(args.config, dev)
     spec = teacher.spec
@@ -79,33 +84,40 @@ def main() -> None:
     g = torch.Generator(device=dev).manual_seed(0)
     labels = torch.randint(0, spec.num_classes, (B,), generator=g, device=dev)
     z = torch.randn(B, N, d, generator=g, device=dev)
-    tokens = teacher.sample(labels, target, generator=g)
+    with autocast(args.precision, dev):
+        tokens = teacher.sample(labels, target, generator=g)
     ts = TimestepSpec()
     opt_psi = torch.optim.Adam(psi.parameters(), lr=1e-5, betas=(0.9, 0.95))
     opt_g = torch.optim.Adam(gen.parameters(), lr=1e-5, betas=(0.9, 0.95))
 
     def baseline():
         backbone.zero_grad(set_to_none=True)
-        backbone(z, labels).square().mean().backward()
+        with autocast(args.precision, dev):
+            out = backbone(z, labels).float().square().mean()
+        out.backward()
 
     def stage1():
-        loss = gts_loss(psi, teacher, tokens, labels, target_settings=target, draws=args.draws, timesteps=ts,
-                        generator=g)
+        with autocast(args.precision, dev):
+            loss = gts_loss(psi, teacher, tokens, labels, target_settings=target, draws=args.draws, timesteps=ts,
+                            generator=g)
         opt_psi.zero_grad(set_to_none=True)
         loss.backward()
         opt_psi.step()
 
     def guidance():
-        with torch.no_grad():
-            q = gen(z, labels)
-        loss = fcs_loss(psi, q, labels, draws=1, timesteps=ts, generator=g)
+        with autocast(args.precision, dev):
+            with torch.no_grad():
+                q = gen(z, labels)
+            loss = fcs_loss(psi, q, labels, draws=1, timesteps=ts, generator=g)
         opt_psi.zero_grad(set_to_none=True)
         loss.backward()
         opt_psi.step()
 
     def generator():
         psi.requires_grad_(False)
-        out = csd_loss(gen, psi, teacher, z, labels, target_settings=target, alpha=1.0, timesteps=ts, generator=g)
+        with autocast(args.precision, dev):
+            out = csd_loss(gen, psi, teacher, z, labels, target_settings=target, alpha=1.0, timesteps=ts,
+                           generator=g)
         opt_g.zero_grad(set_to_none=True)
         out.loss.backward()
         opt_g.step()
@@ -119,15 +131,31 @@ def main() -> None:
             fn()
         rows[name] = {"seconds": timeit(fn, repeats=args.repeats, warmup=0, device=dev), "peak": mem["peak"]}
     base = rows["backbone fwd+bwd"]
-    print(f"DD2 step costs, VAR-shaped '{args.config}' teacher (n={N}, V={spec.vocab_size}, d={d}, "
-          f"width={backbone.feature_dim}), batch {B}, device {dev}")
-    print(f"{'':<24}{'time':>10}{'ratio':>9}{'peak mem':>12}{'tokens/s':>12}")
-    for name, r in rows.items():
+    for r in rows.values():
         r["ratio"] = r["seconds"] / base["seconds"]
-        print(f"{name:<24}{r['seconds']:>9.3f}s{r['ratio']:>8.2f}x{mib(r['peak']):>12}{B * N / r['seconds']:>12.0f}")
+        r["tokens_per_s"] = B * N / r["seconds"]
+    return {"rows": rows, "shape": {"config": args.config, "batch": B, "tokens": N, "vocab": spec.vocab_size,
+                                    "latent_dim": d, "width": backbone.feature_dim, "precision": args.precision}}
+
+
+def print_table(result: dict, device: str) -> None:
+    sh = result["shape"]
+    print(f"DD2 step costs, VAR-shaped '{sh['config']}' teacher (n={sh['tokens']}, V={sh['vocab']}, "
+          f"d={sh['latent_dim']}, width={sh['width']}), batch {sh['batch']}, device {device}, {sh['precision']}")
+    print(f"{'':<24}{'time':>10}{'ratio':>9}{'peak mem':>12}{'tokens/s':>12}")
+    for name, r in result["rows"].items():
+        print(f"{name:<24}{r['seconds']:>9.3f}s{r['ratio']:>8.2f}x{mib(r['peak']):>12}{r['tokens_per_s']:>12.0f}")
     print("targets: generator step <= 2.5x, guidance step <= 1.6x")
+
+
+def main(argv=None) -> None:
+    args = parser().parse_args(argv)
+    if args.quick:
+        args.batch, args.repeats = 4, 2
+    result = run(args)
+    print_table(result, args.device)
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
+        Path(args.json).write_text(json.dumps({"args": vars(args), **result}, indent=2))
 
 
 if __name__ == "__main__":

@@ -33,7 +33,13 @@ UPSTREAM_SAMPLE_B1_S = 10.8
 UPSTREAM_TEACHER_FORCED_B1_S = 0.31
 
 
-def build_teacher(size: str, image_size: int, device: str) -> LlamaGenTeacher:
+def build_teacher(size: str, image_size: int, device: str, real_tokenizer: bool = False) -> LlamaGenTeacher:
+    """A GPT-{size} with random weights; `real_tokenizer`: the released VQ-16 architecture (random
+    weights) so that decode times are real, else a small stand-in (sampling only reads its codebook).
+
+    The continuous-input adapter is built without fitting (`adapter_fit_steps=0`, fixed β): at
+    V = 16384 the fit takes minutes, and the generator's speed does not depend on its weights.
+    """
     torch.manual_seed(0)
     cfg = GPTConfig.named(size, image_size)
     with torch.device("meta"):
@@ -43,10 +49,13 @@ def build_teacher(size: str, image_size: int, device: str) -> LlamaGenTeacher:
         for p in gpt.parameters():
             p.normal_(0, 0.02) if p.dim() > 1 else p.fill_(1.0)
     gpt.reset_rope(device)
-    # stand-in tokenizer: only its codebook (V × 8) is used while sampling
-    vq = VQModel(VQConfig(codebook_size=cfg.vocab_size, ch=32, ch_mult=(1, 1, 1, 1, 1), z_channels=32,
-                          num_res_blocks=1)).to(device)
-    return LlamaGenTeacher(gpt, vq, variant_name=f"llamagen-{size.lower()}-random", image_size=image_size)
+    if real_tokenizer:
+        vq = VQModel(VQConfig(codebook_size=cfg.vocab_size)).to(device)
+    else:
+        vq = VQModel(VQConfig(codebook_size=cfg.vocab_size, ch=32, ch_mult=(1, 1, 1, 1, 1), z_channels=32,
+                              num_res_blocks=1)).to(device)
+    return LlamaGenTeacher(gpt, vq, variant_name=f"llamagen-{size.lower()}-random", image_size=image_size,
+                           adapter_beta=10.0, adapter_fit_steps=0).eval().requires_grad_(False)
 
 
 def streaming_floor(teacher: LlamaGenTeacher, repeats: int) -> tuple[float, float]:

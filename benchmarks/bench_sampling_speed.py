@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,28 +22,48 @@ from pathlib import Path
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).parent))
 
-def _speed(args) -> None:
-    from dd2cli.evaluate import time_sampling
+
+#: random-weight architectures `build_subject` knows besides the registered (bundled) variants
+RANDOM_SUBJECTS = ("var-d16", "var-d20", "var-d24", "var-d30", "llamagen-b", "llamagen-l", "llamagen-xl")
+
+
+def build_subject(name: str, device: str):
+    """(teacher, untrained one-step generator, description) for a variant or a random-weight architecture.
+
+    `var-dNN` / `llamagen-{b,l,xl}`: the released architecture (transformer and tokenizer) with
+    random weights, sampled with the paper's evaluation settings; anything else is a registered
+    variant whose weights are present (e.g. the bundled `var-digits`, `llamagen-digits`).
+    """
     from dd2cli.sample import untrained_generator
 
-    device = args.device
-    if args.var_depth:
+    if name.startswith("var-d") and name[5:].isdigit():
         from dd2_var import EVALUATION
         from dd2_var.config import vae_config, var_config
         from dd2_var.teacher import new_teacher
 
-        cfg = var_config(args.var_depth)
-        teacher = new_teacher(cfg, vae_config(cfg.patch_nums), seed=0, variant_name=f"var-d{args.var_depth}-random",
+        cfg = var_config(int(name[5:]))
+        teacher = new_teacher(cfg, vae_config(cfg.patch_nums), seed=0, variant_name=f"{name}-random",
                               lively=False, evaluation=EVALUATION).to(device).eval().requires_grad_(False)
-        name, defaults = f"VAR-d{args.var_depth} (random weights)", {}
-    else:
-        from dd2cli import plugins  # the bundled teachers load through their entry points
+        return teacher, untrained_generator(teacher), f"{name} (random weights)"
+    if name in ("llamagen-b", "llamagen-l", "llamagen-xl"):
+        from bench_llamagen_teacher import build_teacher
 
-        variant = plugins.get_variant(args.teacher)
-        teacher = variant.load(device=device).eval().requires_grad_(False)
-        name, defaults = variant.name, variant.distill_defaults
-    gen = untrained_generator(teacher, defaults)
+        teacher = build_teacher(name.split("-")[1].upper(), 256, device, real_tokenizer=True)
+        return teacher, untrained_generator(teacher), f"{name} (random weights)"
+    from dd2cli import plugins  # the bundled teachers load through their entry points
+
+    variant = plugins.get_variant(name)
+    teacher = variant.load(device=device).eval().requires_grad_(False)
+    return teacher, untrained_generator(teacher, variant.distill_defaults), variant.name
+
+
+def _speed(args) -> None:
+    from dd2cli.evaluate import time_sampling
+
+    device = args.device
+    teacher, gen, name = build_subject(f"var-d{args.var_depth}" if args.var_depth else args.teacher, device)
     rows = time_sampling(teacher, gen, device, args.batch_sizes, args.k_steps, args.warmup, args.repeats)
     spec = teacher.spec
     print(f"{name}: {spec.num_tokens} tokens in {spec.num_steps} AR steps, {spec.image_size} px; device {device}"

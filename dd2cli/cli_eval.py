@@ -154,6 +154,9 @@ def register(app: typer.Typer) -> None:
         repeats: int = typer.Option(5, "--repeats", help="Timed repeats (the median is reported)."),
         warmup: int = typer.Option(2, "--warmup", help="Untimed warm-up runs."),
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
+        precision: str = typer.Option("fp32", "--precision", help="fp32, or bf16 (CUDA autocast; refused on CPU)."),
+        compile_: bool = typer.Option(False, "--compile", help="torch.compile the one-step generator (compiled "
+                                      "during the warm-up runs)."),
     ) -> None:
         """Images/s and latency of the one-step generator vs the teacher (and k-step), decode included."""
         from rich.table import Table
@@ -168,11 +171,13 @@ def register(app: typer.Typer) -> None:
             raise DD2Error(f"--steps '{steps}' is not a comma list of step counts (e.g. 2,4).") from None
         sizes = tuple(dict.fromkeys((1, batch_size)))
         req = SpeedRequest(run_dir=source, teacher=teacher, weights=_parse_weights(weights), device=device,
-                           batch_sizes=sizes, k_steps=k_steps, warmup=warmup, repeats=repeats)
+                           batch_sizes=sizes, k_steps=k_steps, warmup=warmup, repeats=repeats,
+                           precision=precision, compile=compile_)
         progress = None if state.quiet else _RichEvalProgress(console)
         rows, info = measure_speed(req, progress=progress)
         table = Table(title=f"Sampling speed: {info['teacher']} on {info.get('gpu', info['device'])} "
-                            f"(median of {info['repeats']}, decode included)")
+                            f"(median of {info['repeats']}, decode included, {info['precision']}"
+                            f"{', compiled' if info['compile'] else ''})")
         for col in ("mode", "batch", "latency (ms)", "images/s", "vs teacher"):
             table.add_column(col, justify="right" if col != "mode" else "left")
         for r in rows:

@@ -98,6 +98,9 @@ def register(app: typer.Typer) -> None:
                                            "<mode>-<time> under the run, or ./samples for a teacher). Re-running "
                                            "into it finishes the missing images."),
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
+        precision: str = typer.Option("fp32", "--precision", help="fp32, or bf16 (CUDA autocast; refused on CPU)."),
+        compile_: bool = typer.Option(False, "--compile", help="torch.compile the one-step generator (minutes of "
+                                      "compilation before the first image; pays off for large sample sets)."),
     ) -> None:
         """Draw a sample set (PNGs + ADM .npz + manifest) from a distilled generator, a bundle or a teacher.
 
@@ -109,7 +112,8 @@ def register(app: typer.Typer) -> None:
         req = SampleRequest(source=source, teacher=teacher, teacher_weights=files, which=which, steps=steps,
                             baseline=baseline, baseline_samples=baseline_samples, n=n, batch_size=batch_size,
                             labels=labels, seed=seed, cfg=cfg, top_k=top_k, top_p=top_p, temperature=temperature,
-                            block_size=block_size, out=out, device=device)
+                            block_size=block_size, out=out, device=device,
+                            precision=precision, compile=compile_)
         progress = None if state.quiet else _RichSampleProgress(console)
         result = run(req, progress=progress)
         if result.manifest is None:

@@ -825,6 +825,8 @@ class SpeedRequest:
     k_steps: tuple[int, ...] = ()
     warmup: int = 2
     repeats: int = 5
+    precision: str = "fp32"  # fp32 | bf16 (CUDA autocast)
+    compile: bool = False  # torch.compile the one-step generator
 
 
 @dataclass
@@ -855,11 +857,19 @@ def _timed(fn: Callable[[], Any], device: str, warmup: int, repeats: int) -> flo
 
 def time_sampling(teacher, generator, device: str, batch_sizes: Sequence[int], k_steps: Sequence[int] = (),
                   warmup: int = 2, repeats: int = 5, settings=None,
-                  progress: Progress | None = None) -> list[SpeedRow]:
+                  progress: Progress | None = None, precision: str = "fp32", compile: bool = False,
+                  decode: bool = True) -> list[SpeedRow]:
     """Median latency / images per second of the teacher, the one-step generator and k-step sampling.
 
-    Every mode ends in pixels (`teacher.decode`), so the decoder's cost is in every row.
+    Every mode ends in pixels (`teacher.decode`), so the decoder's cost is in every row; with
+    `decode=False` every mode stops at token ids (the benchmarks time the decoder apart). `precision`
+    "bf16" runs every mode under CUDA bf16 autocast; `compile` wraps the generator in `torch.compile`
+    (its compilation happens in the warm-up runs, so keep `warmup >= 1` with it).
     """
+    from .accel import check_precision, maybe_compile, sampling_context
+
+    check_precision(precision, device)
+    generator = maybe_compile(generator, compile)
     progress = progress or Progress()
     spec = teacher.spec
     settings = settings or spec.evaluation
@@ -872,20 +882,22 @@ def time_sampling(teacher, generator, device: str, batch_sizes: Sequence[int], k
         g = torch.Generator(device=device).manual_seed(0)
         eps = torch.randn(bs, spec.num_tokens, spec.latent_dim, generator=g, device=device)
 
-        @torch.no_grad()
-        def teacher_run():
-            return teacher.decode(teacher.sample(labels, settings, generator=g))
+        finish = teacher.decode if decode else (lambda tokens: tokens)
 
-        @torch.no_grad()
+        def teacher_run():
+            with sampling_context(precision, device):
+                return finish(teacher.sample(labels, settings, generator=g))
+
         def one_step():
-            return teacher.decode(teacher.as_tokens(generator(eps, labels)))
+            with sampling_context(precision, device):
+                return finish(teacher.as_tokens(generator(eps, labels)))
 
         def k_step(k):
-            @torch.no_grad()
             def run():
-                tokens = teacher.as_tokens(generator(eps, labels))
-                return teacher.decode(teacher.sample(labels, settings, prefix_BN=tokens,
-                                                     start_step=spec.num_steps - (k - 1), generator=g))
+                with sampling_context(precision, device):
+                    tokens = teacher.as_tokens(generator(eps, labels))
+                    return finish(teacher.sample(labels, settings, prefix_BN=tokens,
+                                                 start_step=spec.num_steps - (k - 1), generator=g))
             return run
 
         progress.message(f"batch {bs}: teacher ({spec.num_steps} steps)")
@@ -911,12 +923,16 @@ def measure_speed(req: SpeedRequest, progress: Progress | None = None) -> tuple[
     if req.repeats <= 0 or req.warmup < 0:
         raise DD2Error("--repeats must be positive and --warmup non-negative.")
     device = resolve_device(req.device)
+    from .accel import check_precision
+
+    check_precision(req.precision, device)  # before minutes of loading a teacher
     from .sample import build_speed_subjects
 
     teacher, generator, info = build_speed_subjects(req.run_dir, req.teacher, req.weights, device)
     rows = time_sampling(teacher, generator, device, req.batch_sizes, req.k_steps, req.warmup, req.repeats,
-                         progress=progress)
-    info = {**info, "device": device, "warmup": req.warmup, "repeats": req.repeats,
+                         progress=progress, precision=req.precision, compile=req.compile)
+    info = {**info, "device": device, "warmup": req.warmup, "repeats": req.repeats, "precision": req.precision,
+            "compile": req.compile,
             "sampling": teacher.spec.evaluation.as_dict(), "torch": torch.__version__}
     if device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name(torch.device(device))

@@ -5,9 +5,11 @@
     w_j(x,t) = softmax_j( log p_j − ‖x − (1−t)c_j‖² / (2t²) )
     D(x,t)   = Σ_j w_j c_j          s(x,t) = ((1−t)·D − x) / t²          v(x,t) = (x − D) / t
 
-Everything here is fp32. `‖x‖²` is constant over `j` and dropped from the softmax; the rest is one
-matmul. Rows (`B·n` positions) are processed in chunks so that a `(B, n, V)` tensor never has to
-exist whole, and when `p` has a small support (top-k) only that support is touched.
+Everything here is fp32 (float64 when `x` is float64: the tests check the memory-lean path
+against plain autograd in float64, where rounding cannot hide a difference). `‖x‖²` is constant
+over `j` and dropped from the softmax; the rest is one matmul. Rows (`B·n` positions) are processed
+in chunks so that a `(B, n, V)` tensor never has to exist whole, and when `p` has a small support
+(top-k) only that support is touched.
 
 `denoise()` is differentiable in `x` through a custom autograd function whose backward pass
 recomputes the posterior chunk by chunk instead of storing it: `∂D/∂x = a·Cov_w(c)` with
@@ -111,7 +113,8 @@ def _log_probs_rows(probs: "Tensor | SparseProbs", sl: slice, V: int) -> Tensor:
     """`log p (R, V)` for a chunk of rows; −inf outside the support (scattered from a sparse input)."""
     if isinstance(probs, SparseProbs):
         ids, p = probs.ids[sl], probs.probs[sl]
-        return torch.full((ids.shape[0], V), -math.inf, device=p.device).scatter_(-1, ids, torch.log(p))
+        logp_RV = torch.full((ids.shape[0], V), -math.inf, device=p.device, dtype=p.dtype)
+        return logp_RV.scatter_(-1, ids, torch.log(p))
     return torch.log(probs[sl])
 
 
@@ -180,18 +183,20 @@ def denoise(x_BNd: Tensor, t_BN: Tensor, probs: Probs, codebook_Vd: Tensor, *, c
       with exact zeros outside the support, or a `SparseProbs` with ids/probs `(..., K)` (the teacher's
       top-k support: the caller never materialises `(..., V)`).
     - `chunk_size`: rows per chunk, bounding the `(rows, V)` work tensors (None or 0: all rows at once).
-    Differentiable in `x` (memory-lean custom backward); `t`, `probs` and the codebook get no gradient.
+    Computes in fp32 (float64 if `x` is float64). Differentiable in `x` (memory-lean custom backward);
+    `t`, `probs` and the codebook get no gradient.
     """
     d = x_BNd.shape[-1]
     lead = x_BNd.shape[:-1]
-    x_Rd = x_BNd.float().reshape(-1, d)
-    t_R = torch.broadcast_to(t_BN.float(), lead).reshape(-1).clamp(t_min, 1.0)
-    C = codebook_Vd.float().detach()
+    dtype = torch.float64 if x_BNd.dtype == torch.float64 else torch.float32
+    x_Rd = x_BNd.to(dtype).reshape(-1, d)
+    t_R = torch.broadcast_to(t_BN.to(dtype), lead).reshape(-1).clamp(t_min, 1.0)
+    C = codebook_Vd.to(dtype).detach()
     if isinstance(probs, SparseProbs):
         sp = probs.reshape_rows()
-        D = _ClosedFormDenoise.apply(x_Rd, t_R, sp.probs.float().detach(), sp.ids, C, chunk_size)
+        D = _ClosedFormDenoise.apply(x_Rd, t_R, sp.probs.to(dtype).detach(), sp.ids, C, chunk_size)
     else:
-        D = _ClosedFormDenoise.apply(x_Rd, t_R, probs.float().reshape(-1, probs.shape[-1]).detach(), None, C,
+        D = _ClosedFormDenoise.apply(x_Rd, t_R, probs.to(dtype).reshape(-1, probs.shape[-1]).detach(), None, C,
                                      chunk_size)
     return D.reshape(*lead, d)
 

@@ -126,6 +126,8 @@ class SampleRequest:
     block_size: int = DEFAULT_BLOCK_SIZE
     out: Optional[Path] = None
     device: str = "auto"
+    precision: str = "fp32"  # fp32 | bf16 (CUDA autocast; changes the images, so it is part of the settings)
+    compile: bool = False  # torch.compile the one-step generator (same images up to kernel rounding)
 
 
 @dataclass
@@ -522,6 +524,9 @@ def run(req: SampleRequest, progress: Progress | None = None) -> SampleResult:
     if req.baseline_samples <= 0:
         raise DD2Error(f"--baseline-samples must be positive, got {req.baseline_samples}.")
     device = resolve_device(req.device)
+    from .accel import check_precision
+
+    check_precision(req.precision, device)  # before loading anything
     dist = init_from_env(device)
     if dist.enabled and device.startswith("cuda"):
         device = f"cuda:{dist.local_rank}"
@@ -535,10 +540,19 @@ def run(req: SampleRequest, progress: Progress | None = None) -> SampleResult:
 
 
 def _run(req: SampleRequest, device: str, dist, progress: Progress) -> SampleResult:
+    from .accel import maybe_compile, sampling_context
     from .distributed import barrier
 
+    if req.compile and req.teacher is not None:  # before minutes of loading a teacher
+        raise DD2Error("--compile applies to a distilled generator (--from RUN_DIR); drop it for a teacher or a "
+                       "bundle.")
     src = _resolve_source(req, device, progress)
     mode, k = _resolve_mode(req, src)
+    if req.compile:
+        if src.generator is None:
+            raise DD2Error("--compile applies to a distilled generator (--from RUN_DIR); drop it for a teacher or "
+                           "a bundle.")
+        src.generator = maybe_compile(src.generator, True)
     spec = src.spec
     schedule = LabelSchedule(req.labels, spec.num_classes, req.seed)
     sampling = _sampling_settings(req, spec)
@@ -550,6 +564,8 @@ def _run(req: SampleRequest, device: str, dist, progress: Progress) -> SampleRes
         "sampling": sampling.as_dict() if uses_sampling and sampling is not None else None,
         "block_size": req.block_size if blockwise or mode == "set-prediction" else None,
         "baseline_samples": req.baseline_samples if mode == "set-prediction" else None,
+        # only when not the default, so that manifests written before this option still match
+        **({"precision": req.precision} if req.precision != "fp32" else {}),
     })
     prefix = f"{src.tag}-{MODE_TAGS[mode].format(k=k)}"
     out = req.out
@@ -596,7 +612,7 @@ def _run(req: SampleRequest, device: str, dist, progress: Progress) -> SampleRes
     t0 = time.perf_counter()
     progress.start(f"{mode} samples", len(mine), len(mine) - len(todo))
     try:
-        with torch.no_grad():
+        with sampling_context(req.precision, device):
             if blockwise:
                 todo_set = set(todo)
                 for b in my_blocks:
