@@ -110,8 +110,12 @@ def _metric_command(metrics: tuple[str, ...], doc: str) -> Callable:
         json_path: Optional[Path] = typer.Option(None, "--json", help="Write the results here (default: "
                                                  "eval-<features>.json next to each sample set)."),
         print_json: bool = typer.Option(False, "--print-json", help="Print machine-readable JSON instead of a table."),
+        threads: int = typer.Option(0, "--threads", help="CPU threads for torch (0 = torch's default)."),
     ) -> None:
+        from .cli_sample import _set_threads
         from .evaluate import EvalRequest, evaluate
+
+        _set_threads(threads)
 
         req = EvalRequest(metrics=metrics, samples=tuple(samples or ()), ref=ref, features=features,
                           inception_weights=inception_weights, resize=resize, batch_size=batch_size, device=device,
@@ -157,9 +161,14 @@ def register(app: typer.Typer) -> None:
         precision: str = typer.Option("fp32", "--precision", help="fp32, or bf16 (CUDA autocast; refused on CPU)."),
         compile_: bool = typer.Option(False, "--compile", help="torch.compile the one-step generator (compiled "
                                       "during the warm-up runs)."),
+        threads: int = typer.Option(0, "--threads", help="CPU threads for torch (0 = torch's default)."),
     ) -> None:
         """Images/s and latency of the one-step generator vs the teacher (and k-step), decode included."""
         from rich.table import Table
+
+        from .cli_sample import _set_threads
+
+        _set_threads(threads)
 
         from .cli import _parse_weights
         from .errors import DD2Error

@@ -101,6 +101,8 @@ def register(app: typer.Typer) -> None:
         precision: str = typer.Option("fp32", "--precision", help="fp32, or bf16 (CUDA autocast; refused on CPU)."),
         compile_: bool = typer.Option(False, "--compile", help="torch.compile the one-step generator (minutes of "
                                       "compilation before the first image; pays off for large sample sets)."),
+        threads: int = typer.Option(0, "--threads", help="CPU threads for torch (0 = torch's default); 1 is often "
+                                    "fastest for the small digits models, and on a machine with another busy job."),
     ) -> None:
         """Draw a sample set (PNGs + ADM .npz + manifest) from a distilled generator, a bundle or a teacher.
 
@@ -108,6 +110,7 @@ def register(app: typer.Typer) -> None:
         """
         from .sample import SampleRequest, run
 
+        _set_threads(threads)
         which, files = _split_weights(weights)
         req = SampleRequest(source=source, teacher=teacher, teacher_weights=files, which=which, steps=steps,
                             baseline=baseline, baseline_samples=baseline_samples, n=n, batch_size=batch_size,
@@ -124,3 +127,12 @@ def register(app: typer.Typer) -> None:
         console.print(f"ADM npz: {result.npz}", highlight=False)
         if not state.quiet:
             console.print(f"Preview: {result.preview}\nManifest: {result.manifest}", highlight=False)
+
+
+def _set_threads(threads: int) -> None:
+    if threads < 0:
+        raise typer.BadParameter(f"--threads must be >= 0 (0 = torch's default), got {threads}.")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)

@@ -96,3 +96,15 @@ def test_inspect_good_corrupted_and_pickled_files(tmp_path):
         pickle.dump({"w": Evil()}, fh)
     res = runner.invoke(app, ["inspect", str(evil)])
     assert res.exit_code == 2 and "not a plain-weights checkpoint" in res.output
+
+
+def test_sample_and_eval_take_a_thread_count_and_refuse_a_negative_one():
+    from dd2cli.cli import app as cli_app
+
+    runner = CliRunner()
+    for args in (["sample", "--threads", "-1", "-n", "1"], ["eval", "fid", "--threads", "-1"],
+                 ["eval", "speed", "--threads", "-1"]):
+        res = runner.invoke(cli_app, args)
+        assert res.exit_code == 2 and "--threads must be >= 0" in res.output, (args, res.output)
+    for args in (["sample", "--help"], ["eval", "fid", "--help"], ["eval", "speed", "--help"]):
+        assert "--threads" in runner.invoke(cli_app, args).output
