@@ -17,11 +17,6 @@ os.environ["DD2_LOAD_PLUGINS"] = ""
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
-if os.environ.get("DD2_TEST_DETERMINISTIC"):
-    # FSDP's padded CPU buffers start uninitialised, and on gloo their contents leak into results at the
-    # 1e-4 level (torch 2.14); filling fresh memory deterministically makes FSDP reproduce DDP exactly.
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
 
 from dd2cli import distill, losses, plugins  # noqa: E402
 from synthetic import SyntheticPlugin  # noqa: E402

@@ -195,34 +195,52 @@ def _torchrun(args, port, env, timeout=600):
 
 @pytest.mark.slow
 def test_two_process_resume_and_fsdp_match_an_uninterrupted_ddp_run(tmp_path):
-    """2 ranks: DDP stopped after 2 stage-2 updates and resumed equals DDP run straight through (each rank
-    continues its own random streams); FSDP (sharded parameters, gradients, Adam state), also stopped
-    and resumed, lands on the same weights and optimiser state (checkpoints are stored unsharded)."""
+    """2 ranks: DDP stopped after 2 stage-2 updates and resumed equals DDP run straight through, bit for bit
+    (each rank continues its own random streams). FSDP (sharded parameters, gradients, Adam state), also
+    stopped and resumed, follows the same trajectory: same losses, same Adam moments, same weights.
+
+    FSDP reduces in another order than DDP, so it matches to rounding, not bit for bit; and a parameter whose
+    true gradient is exactly zero (the key part of an attention input bias) then takes Adam steps of size
+    ~lr on rounding noise. Weights are therefore compared to a few learning-rate-sized steps, while the Adam
+    moments (which carry the gradients themselves) and the logged losses are compared tightly: a lost
+    optimiser state, a wrong data stream or unloaded weights all show up there by orders of magnitude."""
     from dd2cli.checkpoint import latest_checkpoint
 
     env = _env()
-    env["DD2_TEST_DETERMINISTIC"] = "1"
     common = ["--teacher", "synthetic-corr", "--device", "cpu", "--set", "stage1.steps=4", "--set",
               "stage1.head_only_steps=2", "--set", "stage1.batch_size=8", "--set", "stage2.batch_size=8",
-              "--set", "head.width=32", "--set", "run.sample_every=0"]
+              "--set", "head.width=32", "--set", "run.sample_every=0", "--set", "run.log_every=1"]
     _torchrun([*common, "--out", str(tmp_path / "ddp"), "--set", "stage2.steps=3"], 29521, env)
     for mode, port in (("ddp", 29522), ("fsdp", 29523)):
         out = str(tmp_path / f"{mode}-resumed")
         _torchrun([*common, "--out", out, "--set", "stage2.steps=2", "--set", f"parallel={mode}"], port, env)
         _torchrun(["--resume", out, "--set", "stage2.steps=3"], port, env)
 
+    def stage2_losses(run):
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], r["loss_csd"], r["loss_fcs"]) for r in rows if r["stage"] == 2]
+
     ref = latest_checkpoint(tmp_path / "ddp")
-    for mode, tol in (("ddp", 0.0), ("fsdp", 1e-6)):
-        got = latest_checkpoint(tmp_path / f"{mode}-resumed")
+    ref_losses = stage2_losses(tmp_path / "ddp")
+    assert [s for s, _, _ in ref_losses] == [1, 2, 3]
+    for mode in ("ddp", "fsdp"):
+        run = tmp_path / f"{mode}-resumed"
+        got = latest_checkpoint(run)
         assert got.step == ref.step == 3 and set(got.weights) == set(ref.weights)
+        exact = mode == "ddp"
+        losses = stage2_losses(run)
+        assert [s for s, _, _ in losses] == [1, 2, 3]  # the resumed run re-logs nothing twice
+        for (_, a, b), (_, c, d) in zip(losses, ref_losses):
+            assert (a, b) == (c, d) if exact else abs(a - c) <= 1e-3 * abs(c) and abs(b - d) <= 1e-3 * abs(d)
         for k, v in ref.weights.items():
-            assert torch.allclose(got.weights[k], v, rtol=0, atol=tol), (mode, k)
+            assert torch.allclose(got.weights[k], v, rtol=0, atol=0 if exact else 1e-3), (mode, k)
         for name in ("generator", "guidance"):
             a, b = ref.optimizer_state(name), got.optimizer_state(name)
             assert a["state"].keys() == b["state"].keys()
             for i, entry in a["state"].items():
                 for key, value in entry.items():
-                    assert torch.allclose(b["state"][i][key], value, rtol=0, atol=tol), (mode, name, i, key)
+                    assert torch.allclose(b["state"][i][key], value, rtol=0 if exact else 1e-3,
+                                          atol=0 if exact else 1e-6), (mode, name, i, key)
         assert sorted(got.rng()) == sorted(ref.rng())  # both ranks' random streams are stored
 
 
