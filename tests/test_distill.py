@@ -199,17 +199,19 @@ def test_two_process_resume_and_fsdp_match_an_uninterrupted_ddp_run(tmp_path):
     (each rank continues its own random streams). FSDP (sharded parameters, gradients, Adam state), also
     stopped and resumed, follows the same trajectory: same losses, same Adam moments, same weights.
 
-    FSDP reduces in another order than DDP, so it matches to rounding, not bit for bit; and a parameter whose
-    true gradient is exactly zero (the key part of an attention input bias) then takes Adam steps of size
-    ~lr on rounding noise. Weights are therefore compared to a few learning-rate-sized steps, while the Adam
-    moments (which carry the gradients themselves) and the logged losses are compared tightly: a lost
-    optimiser state, a wrong data stream or unloaded weights all show up there by orders of magnitude."""
+    FSDP reduces in another order than DDP, so it matches to rounding, not bit for bit. Adam turns rounding
+    differences in small gradients into steps of size ~lr (its first steps are ~lr·sign(g)), so with the usual
+    learning rates the two runs drift apart at the 1e-3 level within a few updates. Stage 2 therefore runs
+    with tiny learning rates here: the Adam moments (which do not depend on the learning rate) and the losses
+    still test the resume (a lost optimiser state, a wrong data stream or unloaded weights show up by orders
+    of magnitude), while the weights stay comparable."""
     from dd2cli.checkpoint import latest_checkpoint
 
     env = _env()
     common = ["--teacher", "synthetic-corr", "--device", "cpu", "--set", "stage1.steps=4", "--set",
               "stage1.head_only_steps=2", "--set", "stage1.batch_size=8", "--set", "stage2.batch_size=8",
-              "--set", "head.width=32", "--set", "run.sample_every=0", "--set", "run.log_every=1"]
+              "--set", "head.width=32", "--set", "run.sample_every=0", "--set", "run.log_every=1",
+              "--set", "stage2.lr=1e-7", "--set", "stage2.guidance_lr=1e-7"]
     _torchrun([*common, "--out", str(tmp_path / "ddp"), "--set", "stage2.steps=3"], 29521, env)
     for mode, port in (("ddp", 29522), ("fsdp", 29523)):
         out = str(tmp_path / f"{mode}-resumed")
@@ -231,16 +233,16 @@ def test_two_process_resume_and_fsdp_match_an_uninterrupted_ddp_run(tmp_path):
         losses = stage2_losses(run)
         assert [s for s, _, _ in losses] == [1, 2, 3]  # the resumed run re-logs nothing twice
         for (_, a, b), (_, c, d) in zip(losses, ref_losses):
-            assert (a, b) == (c, d) if exact else abs(a - c) <= 1e-3 * abs(c) and abs(b - d) <= 1e-3 * abs(d)
+            assert (a, b) == (c, d) if exact else abs(a - c) <= 1e-5 * abs(c) and abs(b - d) <= 1e-5 * abs(d), mode
         for k, v in ref.weights.items():
-            assert torch.allclose(got.weights[k], v, rtol=0, atol=0 if exact else 1e-3), (mode, k)
+            assert torch.allclose(got.weights[k], v, rtol=0, atol=0 if exact else 1e-6), (mode, k)
         for name in ("generator", "guidance"):
             a, b = ref.optimizer_state(name), got.optimizer_state(name)
             assert a["state"].keys() == b["state"].keys()
             for i, entry in a["state"].items():
                 for key, value in entry.items():
                     assert torch.allclose(b["state"][i][key], value, rtol=0 if exact else 1e-3,
-                                          atol=0 if exact else 1e-6), (mode, name, i, key)
+                                          atol=0 if exact else 1e-8), (mode, name, i, key)
         assert sorted(got.rng()) == sorted(ref.rng())  # both ranks' random streams are stored
 
 
