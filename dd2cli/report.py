@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping
 
 from .files import read_json, write_json
 
@@ -76,9 +76,3 @@ def _previous_speed(run_dir: Path, name: str) -> float:
                 return float(row.get("images_per_s", float("nan")))
     return float("nan")
 
-
-def read_quality(run_dir: Path) -> Optional[list[QualityRow]]:
-    path = Path(run_dir) / QUALITY_JSON
-    if not path.is_file():
-        return None
-    return [QualityRow(**row) for row in read_json(path)["rows"]]
