@@ -2,8 +2,12 @@
 
     python benchmarks/bench_distill_steps.py [--device cpu|cuda] [--quick] [--config mini|d16]
 
-A VAR-shaped teacher with random weights (default `mini`: depth 4, width 256, 8 scales = 204
-tokens, V = 512, Cvae = 16; `d16`: the real VAR-d16 transformer, 680 tokens, GPU only in practice).
+A VAR-shaped teacher with random weights (default `mini`: VAR-d16's 16 blocks at width 256, 8 scales =
+255 tokens, V = 512, Cvae = 16; `d16`: the real VAR-d16 transformer, 680 tokens, GPU only in practice).
+The MLP head is as wide as the backbone in both (as in `examples/configs/var-d16.toml`), so the mini
+keeps the real model's split of compute between backbone and head (head ≈ 11 % of the backbone's
+multiply-adds per token); a shallow mini would overstate the head's share, and with it the cost of
+every step that runs the head.
 On the same batch it times (median of repeats) and measures peak memory of:
 
 - the backbone baseline: `f = backbone(z, labels)`, `f.square().mean().backward()`;
@@ -19,6 +23,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -26,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _measure import mib, peak_memory, timeit  # noqa: E402
+from _measure import mib, peak_memory, time_runs  # noqa: E402
 
 
 def build(config: str, device: str):
@@ -40,7 +45,7 @@ def build(config: str, device: str):
         top_k = 900
     else:
         pn = (1, 2, 3, 4, 5, 6, 8, 10)
-        var_cfg = VARConfig(depth=4, width=256, num_heads=4, num_classes=10, vocab_size=512, z_channels=16,
+        var_cfg = VARConfig(depth=16, width=256, num_heads=4, num_classes=10, vocab_size=512, z_channels=16,
                             patch_nums=pn)
         vae_cfg = VQVAEConfig(vocab_size=512, z_channels=16, ch=32, ch_mult=(1, 2), patch_nums=pn)
         top_k = 112
@@ -77,7 +82,7 @@ def run(args) -> dict:
     teacher, target = build(args.config, dev)
     spec = teacher.spec
     backbone = teacher.new_backbone().to(dev)
-    head = MLPHead(spec.latent_dim, backbone.feature_dim, width=256, depth=3).to(dev)
+    head = MLPHead(spec.latent_dim, backbone.feature_dim, width=backbone.feature_dim, depth=3).to(dev)
     psi = ARDiffusion(backbone, head).eval()
     gen = Generator(copy.deepcopy(psi)).eval()
     B, N, d = args.batch, spec.num_tokens, spec.latent_dim
@@ -123,13 +128,22 @@ def run(args) -> dict:
         opt_g.step()
         psi.requires_grad_(True)
 
-    rows = {}
-    for name, fn in (("backbone fwd+bwd", baseline), ("stage-1 step (GTS)", stage1), ("guidance step (FCS)", guidance),
-                     ("generator step (CSD)", generator)):
+    steps = (("backbone fwd+bwd", baseline), ("stage-1 step (GTS)", stage1), ("guidance step (FCS)", guidance),
+             ("generator step (CSD)", generator))
+    for _, fn in steps:
         fn()  # warm-up (also allocates optimiser state)
-        with peak_memory(dev) as mem:
+    # interleaved: repeat r of every step runs before repeat r + 1 of any, so that a slow spell of a
+    # shared machine lands on all steps alike instead of on whichever step it happened to hit
+    times = {name: [] for name, _ in steps}
+    for _ in range(args.repeats):
+        for name, fn in steps:
+            times[name] += time_runs(fn, 1, dev)
+    rows = {name: {"seconds": statistics.median(t), "min_seconds": min(t)} for name, t in times.items()}
+    # peaks after all timings: on CPU the measurement changes malloc's tuning for the rest of the process
+    for name, fn in steps:
+        with peak_memory(dev, return_to_os=True) as mem:
             fn()
-        rows[name] = {"seconds": timeit(fn, repeats=args.repeats, warmup=0, device=dev), "peak": mem["peak"]}
+        rows[name]["peak"] = mem["peak"]
     base = rows["backbone fwd+bwd"]
     for r in rows.values():
         r["ratio"] = r["seconds"] / base["seconds"]

@@ -225,10 +225,15 @@ class _Run:
             average_gradients(params, self.dist)
 
 
-def _lr_at(step: int, base: float, warmup: int, start: float = 1e-6) -> float:
-    if warmup <= 0 or step >= warmup:
+def _lr_at(step: int, base: float, warmup: int, start: float = 1e-6, decay: str = "none", total: int = 0,
+           final: float = 0.0) -> float:
+    """Linear warm-up from `start`, then constant or a cosine decay to `final · base` at step `total`."""
+    if warmup > 0 and step < warmup:
+        return start + (base - start) * (step + 1) / warmup
+    if decay == "none" or total <= warmup:
         return base
-    return start + (base - start) * (step + 1) / warmup
+    frac = min(1.0, (step - warmup + 1) / (total - warmup))
+    return base * (final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * frac)))
 
 
 def _set_lr(opt: torch.optim.Optimizer, lrs: Mapping[str, float] | float) -> None:
@@ -456,11 +461,13 @@ def _stage2(run: _Run, psi0: ARDiffusion, ckpt: Checkpoint | None) -> tuple[Gene
                 guidance_update()
             aligned = True
         # 1. K guidance updates on fresh generator samples
+        if s2.decay_guidance:
+            _set_lr(opt_psi, _lr_at(it, s2.guidance_lr, 0, decay=s2.lr_decay, total=s2.steps, final=s2.lr_final))
         loss_psi = float("nan")
         for _ in range(s2.guidance_updates):
             loss_psi = guidance_update()
         # 2. one generator update (guidance frozen)
-        _set_lr(opt_g, _lr_at(it, s2.lr, s2.warmup_steps))
+        _set_lr(opt_g, _lr_at(it, s2.lr, s2.warmup_steps, decay=s2.lr_decay, total=s2.steps, final=s2.lr_final))
         run.resharded(guidance, gen)
         if not run.sharded:
             guidance.requires_grad_(False)

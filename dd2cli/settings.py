@@ -73,6 +73,10 @@ class Stage2Settings:
     lr: float = setting(1e-4, "generator learning rate (after warm-up)")
     guidance_lr: float = setting(1e-4, "guidance learning rate")
     warmup_steps: int = setting(100, "generator learning rate warms up linearly from 1e-6 over these updates")
+    lr_decay: Literal["none", "cosine"] = setting("none", "after warm-up: constant generator learning rate, or a "
+                                                          "cosine decay to lr_final · lr at the last update (ours)")
+    lr_final: float = setting(0.0, "with lr_decay = cosine: the last update's fraction of the learning rate")
+    decay_guidance: bool = setting(False, "apply lr_decay to the guidance learning rate too (no warm-up)")
     alpha: float = setting(1.0, "SiD's α (paper: 1.0)")
     weighting: bool = setting(True, "per-position weight 1/(mean|q − D_real| + 1e-5) (ours, DMD/SiD-style)")
     balance_steps: bool = setting(False, "weight positions so that every AR step counts equally in both stage-2 "
@@ -159,6 +163,9 @@ class DistillSettings:
         for ts_name, ts in (("stage1.timesteps", self.stage1.timesteps), ("stage2.timesteps", self.stage2.timesteps)):
             if not 0 < ts.t_min < 1:
                 raise ConfigError(f"Setting '{ts_name}.t_min' must be in (0, 1), got {ts.t_min}.")
+        if not 0 <= self.stage2.lr_final <= 1:
+            raise ConfigError(f"Setting 'stage2.lr_final' must be in [0, 1] (a fraction of stage2.lr), "
+                              f"got {self.stage2.lr_final}.")
 
 
 #: Defaults for the bundled CPU demo teachers (`var-digits`, `llamagen-digits`), applied by their plugins.

@@ -79,3 +79,25 @@ def test_describe_lists_every_leaf_with_help():
     rows = {r[0]: r for r in describe(Outer)}
     assert set(rows) == {"name", "flag", "sizes", "maybe", "stage.lr", "stage.steps", "stage.kind"}
     assert rows["stage.lr"][3] == "learning rate"
+
+
+def test_stage2_cosine_decay_warms_up_then_falls_to_the_final_fraction():
+    from dd2cli.distill import _lr_at
+
+    base, warm, total = 1e-3, 10, 110
+    lrs = [_lr_at(i, base, warm, decay="cosine", total=total, final=0.1) for i in range(total)]
+    assert lrs[0] == pytest.approx(1e-6 + (base - 1e-6) / warm)
+    assert lrs[warm - 1] == pytest.approx(base)
+    assert all(a >= b for a, b in zip(lrs[warm:], lrs[warm + 1:]))  # never rises after warm-up
+    assert lrs[warm + 49] == pytest.approx(base * (0.1 + 0.9 * 0.5))  # half way: mid-point of the cosine
+    assert lrs[-1] == pytest.approx(0.1 * base)
+    assert [_lr_at(i, base, warm) for i in (warm, total - 1)] == [base, base]  # "none" stays constant
+
+
+def test_lr_final_outside_zero_one_is_refused():
+    from dd2cli.settings import DistillSettings
+
+    s = DistillSettings()
+    s.stage2.lr_final = 1.5
+    with pytest.raises(ConfigError, match="stage2.lr_final"):
+        s.validate()
