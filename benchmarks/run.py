@@ -25,7 +25,6 @@ import datetime
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -70,17 +69,11 @@ def _defaults(args) -> None:
 
 # ---- sampling --------------------------------------------------------------------------------------
 
-def _median_seconds(fn, repeats: int, device: str) -> float:
-    from _measure import time_runs
-
-    fn()  # warm-up
-    return statistics.median(time_runs(fn, repeats, device))
-
-
 def sampling(args) -> list[dict]:
     """One row per (model, batch): generation and decode seconds of teacher and one-step generator."""
     import torch
 
+    from _measure import timeit
     from bench_sampling_speed import build_subject
     from dd2cli.accel import sampling_context
     from dd2cli.evaluate import time_sampling
@@ -106,7 +99,7 @@ def sampling(args) -> list[dict]:
                 with sampling_context(args.precision, args.device):
                     return teacher.decode(tokens)
 
-            dec_s = _median_seconds(decode, args.repeats, args.device)
+            dec_s = timeit(decode, repeats=args.repeats, warmup=1, device=args.device)
             teach_s = by_batch[bs]["teacher"].latency_ms / 1e3
             gen_s = by_batch[bs]["generator"].latency_ms / 1e3
             rows.append({
@@ -134,15 +127,20 @@ def print_sampling_row(r: dict, header: bool = False) -> None:
 
 # ---- training and the closed-form score (the existing scripts, called as functions) ----------------
 
-def training(args) -> dict:
-    import bench_distill_steps
-
-    ns = bench_distill_steps.parser().parse_args(["--device", args.device, "--config", args.train_config,
-                                                  "--precision", args.precision])
+def _sized(ns, args):
+    """A section script's arguments with run.py's size: batch 2 and one repeat in --quick, else --repeats."""
     if args.quick:
         ns.batch, ns.repeats = 2, 1
     else:
         ns.repeats = args.repeats
+    return ns
+
+
+def training(args) -> dict:
+    import bench_distill_steps
+
+    ns = _sized(bench_distill_steps.parser().parse_args(["--device", args.device, "--config", args.train_config,
+                                                         "--precision", args.precision]), args)
     result = bench_distill_steps.run(ns)
     print()
     bench_distill_steps.print_table(result, args.device)
@@ -152,11 +150,7 @@ def training(args) -> dict:
 def closed_form(args) -> dict:
     import bench_closed_form
 
-    ns = bench_closed_form.parser().parse_args(["--device", args.device])
-    if args.quick:
-        ns.batch, ns.repeats = 2, 1
-    else:
-        ns.repeats = args.repeats
+    ns = _sized(bench_closed_form.parser().parse_args(["--device", args.device]), args)
     results = bench_closed_form.run(ns)
     print()
     bench_closed_form.print_table(results, ns)

@@ -539,19 +539,21 @@ def run(req: SampleRequest, progress: Progress | None = None) -> SampleResult:
         cleanup(dist)
 
 
+_COMPILE_NEEDS_GENERATOR = ("--compile applies to a distilled generator (--from RUN_DIR); drop it for a teacher or "
+                            "a bundle.")
+
+
 def _run(req: SampleRequest, device: str, dist, progress: Progress) -> SampleResult:
     from .accel import maybe_compile, sampling_context
     from .distributed import barrier
 
     if req.compile and req.teacher is not None:  # before minutes of loading a teacher
-        raise DD2Error("--compile applies to a distilled generator (--from RUN_DIR); drop it for a teacher or a "
-                       "bundle.")
+        raise DD2Error(_COMPILE_NEEDS_GENERATOR)
     src = _resolve_source(req, device, progress)
     mode, k = _resolve_mode(req, src)
     if req.compile:
         if src.generator is None:
-            raise DD2Error("--compile applies to a distilled generator (--from RUN_DIR); drop it for a teacher or "
-                           "a bundle.")
+            raise DD2Error(_COMPILE_NEEDS_GENERATOR)
         src.generator = maybe_compile(src.generator, True)
     spec = src.spec
     schedule = LabelSchedule(req.labels, spec.num_classes, req.seed)
