@@ -270,12 +270,14 @@ def distill(
     console.print(f"Done: {result.run_dir}", highlight=False)
     if result.grid is not None:
         console.print(f"Sample grid: {result.grid}", highlight=False)
-    _quality_table(result.run_dir, device)
+    _quality_table(result.run_dir, device, result.threads)
 
 
-def _quality_table(run_dir: Path, device: Optional[str]) -> None:
+def _quality_table(run_dir: Path, device: Optional[str], threads: int = 0) -> None:
     """`run.eval_samples > 0` (the digits demo): one-step vs teacher vs set-prediction, in the digits space."""
     import os
+
+    import torch
 
     from .files import read_json
     from .report import quality_report
@@ -287,7 +289,13 @@ def _quality_table(run_dir: Path, device: Optional[str]) -> None:
     if n <= 0:
         return
     say = None if state.quiet else (lambda m: console.print(m, style="dim", highlight=False))
-    rows = quality_report(run_dir, n, device=device or settings.get("device", "auto"), on_message=say)
+    threads_before = torch.get_num_threads()
+    if threads > 0:
+        torch.set_num_threads(threads)  # what the run used
+    try:
+        rows = quality_report(run_dir, n, device=device or settings.get("device", "auto"), on_message=say)
+    finally:
+        torch.set_num_threads(threads_before)
     table = Table(title=f"Quality on {n} balanced samples (digits features; dd2 eval all --features digits "
                         f"{run_dir}/quality/*)")
     for col in ("sampler", "digits-FID", "precision", "recall", "class-consistency", "images/s"):

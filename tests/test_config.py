@@ -101,3 +101,42 @@ def test_lr_final_outside_zero_one_is_refused():
     s.stage2.lr_final = 1.5
     with pytest.raises(ConfigError, match="stage2.lr_final"):
         s.validate()
+
+
+@pytest.mark.parametrize("cores, idle, expected", [(2, 1.95, 2), (2, 1.6, 2), (2, 1.05, 1), (2, 0.0, 1),
+                                                   (8, 5.8, 6), (8, 8.0, 8), (1, 1.0, 1)])
+def test_auto_threads_is_one_per_idle_core(monkeypatch, cores, idle, expected):
+    import os
+
+    from dd2cli import distill
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    monkeypatch.setattr(distill, "_idle_cores", lambda cpus: idle if cpus == set(range(cores)) else None)
+    assert distill.resolve_threads(-1) == expected
+    assert distill.resolve_threads(3) == 3 and distill.resolve_threads(0) == 0  # explicit counts pass through
+    # without /proc/stat: the load average stands in
+    monkeypatch.setattr(distill, "_idle_cores", lambda cpus: None)
+    monkeypatch.setattr(os, "getloadavg", lambda: (cores - idle, 0.0, 0.0))
+    assert distill.resolve_threads(-1) == expected
+
+
+def test_idle_cores_reads_this_machines_cpus():
+    import os
+
+    from dd2cli.distill import _idle_cores
+
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    idle = _idle_cores(cpus, interval=0.05)
+    if not os.path.exists("/proc/stat"):
+        assert idle is None
+    else:
+        assert idle is not None and 0.0 <= idle <= len(cpus) + 1e-9
+
+
+def test_threads_below_minus_one_is_refused():
+    from dd2cli.settings import DistillSettings
+
+    s = DistillSettings()
+    s.threads = -2
+    with pytest.raises(ConfigError, match="'threads'"):
+        s.validate()

@@ -49,6 +49,20 @@ def test_distill_writes_a_complete_run(synthetic_plugin, tmp_path):
     assert "Sample grid" in res.output
 
 
+def test_threads_setting_applies_during_the_run_and_is_restored_after(synthetic_plugin, tmp_path, monkeypatch):
+    from dd2cli import distill
+
+    seen = []
+    monkeypatch.setattr(distill, "_stage2", lambda r, psi0, ckpt: seen.append(torch.get_num_threads()) or
+                        (None, 0, None))
+    before = torch.get_num_threads()
+    res = runner.invoke(app, ["distill", "--teacher", "synthetic-corr", "--out", str(tmp_path / "run"), *TINY,
+                              "--set", f"threads={before + 1}"])
+    assert res.exit_code == 0, res.output
+    assert seen == [before + 1]  # stage 2 ran with the configured count
+    assert torch.get_num_threads() == before  # and the caller's count is back
+
+
 def test_resume_of_a_finished_run_changes_nothing_and_extending_continues(synthetic_plugin, tmp_path):
     out = tmp_path / "run"
     assert runner.invoke(app, ["distill", "--teacher", "synthetic-corr", "--out", str(out), *TINY]).exit_code == 0
