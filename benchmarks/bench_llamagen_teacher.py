@@ -134,7 +134,8 @@ def main() -> None:
         print(f"| {B} | {s:.2f} / {s_min:.2f} | {t:.3f} / {t_min:.3f} | {s / t:.0f}x | {mm:.2f} | {mm / t:.1f}x |")
     if args.device == "cpu":
         step_bytes, step_s = streaming_floor(teacher, args.repeats)
-        print(f"\nweights read per decoding step: {step_bytes / 1e6:.0f} MB; streaming them now takes {step_s * 1e3:.1f} ms "
+        print(f"\nweights read per decoding step: {step_bytes / 1e6:.0f} MB; "
+              f"streaming them now takes {step_s * 1e3:.1f} ms "
               f"({step_bytes / step_s / 1e9:.1f} GB/s) -> memory floor of {n} steps: {n * step_s:.2f} s")
     if args.size == "B" and args.image_size == 256 and args.device == "cpu":
         up_passes = UPSTREAM_SAMPLE_B1_S / UPSTREAM_TEACHER_FORCED_B1_S

@@ -84,9 +84,10 @@ def resolve_threads(threads: int) -> int:
     """The `threads` setting as a torch thread count; 0 leaves torch's default.
 
     -1 (auto) is one thread per core that is idle at start, measured over 0.3 s (the 1-minute load
-    average where /proc/stat is missing), at least 1. On a CPU, the small models of the digits demo
-    run about 1.7x faster on two idle cores than on one, but much slower when a thread has to wait
-    for a core another job holds.
+    average where /proc/stat is missing), shared between the processes torchrun starts on this
+    machine (they all look at the same idle cores at once), at least 1. On a CPU, the small models
+    of the digits demo run about 1.7x faster on two idle cores than on one, but much slower when a
+    thread has to wait for a core another job holds.
     """
     if threads >= 0:
         return threads
@@ -97,7 +98,8 @@ def resolve_threads(threads: int) -> int:
             idle = len(cpus) - os.getloadavg()[0]
         except (AttributeError, OSError):  # neither: assume the machine is ours
             idle = len(cpus)
-    return max(1, min(len(cpus), int(idle + 0.5)))
+    local_procs = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(len(cpus), int(idle / local_procs + 0.5)))
 
 
 # ---- progress reporting (the CLI plugs a rich display in here) -------------------------------------

@@ -175,9 +175,10 @@ class DistillSettings:
 #: Smaller head and fewer noise draws (the head dominates the cost at this size). Stage 2: no per-position
 #: weighting and several noise draws per position converged best on the synthetic exact-joint teacher (README,
 #: "Proposition 1"); t_min 0.4 beat 0.05 there and in 600-update A/Bs on both digits teachers (digits-FID,
-#: 1,000 samples, at 600 updates: var 145.4 vs 154.4, llamagen 164.2 vs 201.4); on var-digits, 300-update runs from one stage-1 result gave digits-FID
-#: (1,000 samples) 314 with K=2, 243 with K=4 and guidance lr 1e-3, 204 adding `balance_steps`; a faster
-#: generator (lr 1e-3: 360) or a slower one (1e-4: 266) and snapping the teacher's prefix (301) did worse.
+#: 1,000 samples, at 600 updates: var 145.4 vs 154.4, llamagen 164.2 vs 201.4). On var-digits, 300-update runs
+#: from one stage-1 result gave digits-FID (1,000 samples) 314 with K=2, 243 with K=4 and guidance lr 1e-3,
+#: 204 adding `balance_steps`; a faster generator (lr 1e-3: 360) or a slower one (1e-4: 266) and snapping the
+#: teacher's prefix (301) did worse.
 CPU_DEMO_DEFAULTS: dict = {
     # Small models slow down badly when a torch thread waits for a core another job holds, and speed up by ~1.7x
     # on 2 idle cores (var-digits stage 2: 1.2 s vs 2.0 s per update): so one thread per idle core.

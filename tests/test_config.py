@@ -114,6 +114,9 @@ def test_auto_threads_is_one_per_idle_core(monkeypatch, cores, idle, expected):
     monkeypatch.setattr(distill, "_idle_cores", lambda cpus: idle if cpus == set(range(cores)) else None)
     assert distill.resolve_threads(-1) == expected
     assert distill.resolve_threads(3) == 3 and distill.resolve_threads(0) == 0  # explicit counts pass through
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun's processes on this machine share the idle cores
+    assert distill.resolve_threads(-1) == max(1, int(idle / 2 + 0.5))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
     # without /proc/stat: the load average stands in
     monkeypatch.setattr(distill, "_idle_cores", lambda cpus: None)
     monkeypatch.setattr(os, "getloadavg", lambda: (cores - idle, 0.0, 0.0))
