@@ -8,8 +8,7 @@ import os
 import statistics
 import threading
 import time
-import contextlib
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -79,7 +78,7 @@ def peak_memory(device: str, return_to_os: bool = False):
         torch.cuda.synchronize()
         out["peak"] = torch.cuda.max_memory_allocated() - base
         return
-    with _memory_returned_to_os() if return_to_os else contextlib.nullcontext():
+    with _memory_returned_to_os() if return_to_os else nullcontext():
         with _rss_peak(out):
             yield out
 

@@ -277,8 +277,7 @@ def _quality_table(run_dir: Path, device: Optional[str], threads: int = 0) -> No
     """`run.eval_samples > 0` (the digits demo): one-step vs teacher vs set-prediction, in the digits space."""
     import os
 
-    import torch
-
+    from .distill import torch_threads
     from .files import read_json
     from .report import quality_report
 
@@ -289,13 +288,8 @@ def _quality_table(run_dir: Path, device: Optional[str], threads: int = 0) -> No
     if n <= 0:
         return
     say = None if state.quiet else (lambda m: console.print(m, style="dim", highlight=False))
-    threads_before = torch.get_num_threads()
-    if threads > 0:
-        torch.set_num_threads(threads)  # what the run used
-    try:
+    with torch_threads(threads):  # what the run used
         rows = quality_report(run_dir, n, device=device or settings.get("device", "auto"), on_message=say)
-    finally:
-        torch.set_num_threads(threads_before)
     table = Table(title=f"Quality on {n} balanced samples (digits features; dd2 eval all --features digits "
                         f"{run_dir}/quality/*)")
     for col in ("sampler", "digits-FID", "precision", "recall", "class-consistency", "images/s"):

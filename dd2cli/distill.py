@@ -102,6 +102,21 @@ def resolve_threads(threads: int) -> int:
     return max(1, min(len(cpus), int(idle / local_procs + 0.5)))
 
 
+@contextlib.contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """Run the block with `threads` torch threads (0: leave the count), then restore the caller's count.
+
+    Restoring matters for in-process callers (tests, notebooks), which keep their own count.
+    """
+    before = torch.get_num_threads()
+    if threads > 0:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 # ---- progress reporting (the CLI plugs a rich display in here) -------------------------------------
 
 class Progress:
@@ -645,17 +660,20 @@ def prepare(req: DistillRequest) -> tuple[Path, dict, DistillSettings]:
 def run(req: DistillRequest, progress: Progress | None = None,
         on_ready: Callable[[Path, dict], None] | None = None) -> DistillResult:
     """Run (or resume) a distillation; returns where the results are."""
-    from .plugins import get_variant
-
     progress = progress or Progress()
     run_dir, info, settings = prepare(req)
     torch.manual_seed(settings.seed)  # for anything inside torch that draws from the global generator
-    threads_before = torch.get_num_threads()
     threads = resolve_threads(settings.threads)
-    if threads > 0:
-        torch.set_num_threads(threads)
-        if settings.threads < 0:
-            progress.message(f"{threads} torch thread(s): one per idle core (threads = -1)")
+    if threads > 0 and settings.threads < 0:
+        progress.message(f"{threads} torch thread(s): one per idle core (threads = -1)")
+    with torch_threads(threads):
+        return _run(req, run_dir, info, settings, threads, progress, on_ready)
+
+
+def _run(req: DistillRequest, run_dir: Path, info: dict, settings: DistillSettings, threads: int,
+         progress: Progress, on_ready: Callable[[Path, dict], None] | None) -> DistillResult:
+    from .plugins import get_variant
+
     device = resolve_device(settings.device)
     dist = init_from_env(device)
     if dist.enabled and device.startswith("cuda"):
@@ -700,7 +718,6 @@ def run(req: DistillRequest, progress: Progress | None = None,
         return result
     finally:
         cleanup(dist)
-        torch.set_num_threads(threads_before)  # in-process callers (tests, notebooks) keep their own count
 
 
 def _adapt(teacher: Teacher, settings: DistillSettings, run_dir: Path, dist: DistInfo, device: str,
