@@ -29,6 +29,7 @@ from .files import load_safetensors, read_json, save_safetensors, write_json
 
 CKPT_DIR = "checkpoints"
 LATEST = "latest.json"
+FINAL_MARK = "FINAL"  # in the last checkpoint of stage 1
 
 
 def _flatten_optimizer(opt_state: Mapping[str, Any], prefix: str) -> tuple[dict[str, torch.Tensor], dict]:
@@ -57,13 +58,18 @@ def _unflatten_optimizer(tensors: Mapping[str, torch.Tensor], scalars: Mapping[s
 
 def save_checkpoint(run_dir: Path, stage: int, step: int, modules: Mapping[str, torch.nn.Module | Mapping],
                     optimizers: Mapping[str, torch.optim.Optimizer | Mapping], state: Mapping[str, Any],
-                    rng: Mapping[str, torch.Tensor], keep: int = 2) -> Path:
-    """Write a complete checkpoint atomically and point `latest.json` at it."""
+                    rng: Mapping[str, torch.Tensor], keep: int = 2, final: bool = False) -> Path:
+    """Write a complete checkpoint atomically and point `latest.json` at it.
+
+    `final` marks the end of stage 1 (the checkpoint stage 2 starts from, never pruned). The marker is
+    written inside the temporary folder, so a checkpoint appears together with its mark: other ranks, and a
+    resume after a kill at any moment, never see a finished stage 1 without it.
+    """
     run_dir = Path(run_dir)
     root = run_dir / CKPT_DIR
     root.mkdir(parents=True, exist_ok=True)
     name = f"stage{stage}-{step:07d}"
-    final = root / name
+    dest = root / name
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
     try:
         # modules / optimizers may be given as already gathered state dicts (FSDP)
@@ -79,15 +85,17 @@ def save_checkpoint(run_dir: Path, stage: int, step: int, modules: Mapping[str, 
         opt_tensors.update({f"rng.{k}": v for k, v in rng.items()})
         save_safetensors(tmp / "optim.safetensors", opt_tensors)
         write_json(tmp / "state.json", {"stage": stage, "step": step, "optimizers": opt_scalars, **state})
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        if final:
+            (tmp / FINAL_MARK).write_text("")
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     write_json(run_dir / LATEST, {"stage": stage, "step": step, "path": f"{CKPT_DIR}/{name}"})
-    _prune(root, keep, protect=final)
-    return final
+    _prune(root, keep, protect=dest)
+    return dest
 
 
 def _prune(root: Path, keep: int, protect: Path) -> None:
@@ -97,13 +105,8 @@ def _prune(root: Path, keep: int, protect: Path) -> None:
     for stage in (1, 2):
         ckpts = sorted(p for p in root.glob(f"stage{stage}-*") if p.is_dir())
         for old in ckpts[:-keep]:
-            if old != protect and not (old / "FINAL").exists():
+            if old != protect and not (old / FINAL_MARK).exists():
                 shutil.rmtree(old, ignore_errors=True)
-
-
-def mark_final(ckpt: Path) -> None:
-    """Protect a checkpoint from pruning (the end of stage 1 seeds stage 2)."""
-    (Path(ckpt) / "FINAL").write_text("")
 
 
 class Checkpoint:
@@ -158,7 +161,7 @@ def latest_checkpoint(run_dir: Path) -> Checkpoint | None:
 
 
 def final_stage1_checkpoint(run_dir: Path) -> Checkpoint | None:
-    marks = sorted((Path(run_dir) / CKPT_DIR).glob("stage1-*/FINAL"))
+    marks = sorted((Path(run_dir) / CKPT_DIR).glob(f"stage1-*/{FINAL_MARK}"))
     return Checkpoint(marks[-1].parent) if marks else None
 
 

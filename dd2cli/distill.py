@@ -21,7 +21,7 @@ import torch
 
 from . import __version__
 from .checkpoint import (Checkpoint, append_metrics, check_new_run_dir, final_stage1_checkpoint, latest_checkpoint,
-                         mark_final, save_checkpoint, truncate_metrics)
+                         save_checkpoint, truncate_metrics)
 from .config import deep_merge, from_dict, load_settings, parse_override, to_dict
 from .distributed import (DistInfo, average_gradients, average_scalar, barrier, broadcast_module, cleanup,
                           clip_sharded_gradients, full_optimizer_state, full_state_dict, init_from_env,
@@ -239,8 +239,9 @@ class _Run:
         if self.dist.is_main:
             append_metrics(self.run_dir, {"stage": stage, "step": step, "time": round(time.time(), 3), **metrics})
 
-    def checkpoint(self, stage: int, step: int, modules, optimizers, state) -> Path | None:
-        """Every rank calls this (gathering sharded state is collective); rank 0 writes."""
+    def checkpoint(self, stage: int, step: int, modules, optimizers, state, final: bool = False) -> Path | None:
+        """Every rank calls this (gathering sharded state is collective); rank 0 writes, and the barrier at the
+        end means every rank sees the finished checkpoint (with its `final` mark) on return."""
         path = None
         rng = self.all_rng_states()
         if self.sharded:  # each optimiser is keyed like the module it updates
@@ -249,7 +250,7 @@ class _Run:
             modules = {k: full_state_dict(m, True) for k, m in modules.items()}
         if self.dist.is_main:
             path = save_checkpoint(self.run_dir, stage, step, modules, optimizers, state, rng,
-                                   keep=self.settings.run.keep_checkpoints)
+                                   keep=self.settings.run.keep_checkpoints, final=final)
         barrier(self.dist)
         return path
 
@@ -405,10 +406,10 @@ def _stage1(run: _Run, ckpt: Checkpoint | None) -> ARDiffusion:
         run.restore_rng(ckpt.rng())
         start = ckpt.step
     if start >= s1.steps:
-        if ckpt is None:  # stage 1 switched off (steps = 0): record the untuned model as its result
-            path = run.checkpoint(1, 0, {"model": model}, {"model": opt}, {})
-            if path is not None:
-                mark_final(path)
+        # stage 1 switched off (steps = 0): record the untuned model as its result; a run written before the
+        # mark went in with the checkpoint may also lack it
+        if final_stage1_checkpoint(run.run_dir) is None:
+            run.checkpoint(1, start, {"model": model}, {"model": opt}, {}, final=True)
         return model
     batches = _token_batches(run, run.per_rank(s1.batch_size))
     timesteps = TimestepSpec(**to_dict(s1.timesteps))
@@ -449,9 +450,7 @@ def _stage1(run: _Run, ckpt: Checkpoint | None) -> ARDiffusion:
         if (step + 1) % run.settings.run.checkpoint_every == 0 and step + 1 < s1.steps:
             run.checkpoint(1, step + 1, {"model": model}, {"model": opt}, {})
     run.progress.stop()
-    path = run.checkpoint(1, s1.steps, {"model": model}, {"model": opt}, {})
-    if path is not None:
-        mark_final(path)
+    run.checkpoint(1, s1.steps, {"model": model}, {"model": opt}, {}, final=True)
     return model
 
 
@@ -705,9 +704,11 @@ def _run(req: DistillRequest, run_dir: Path, info: dict, settings: DistillSettin
             psi0 = _stage1(r, ckpt)
         if r.sharded or (ckpt is not None and ckpt.stage == 2):  # stage 2 starts from plain (unsharded) weights
             final1 = final_stage1_checkpoint(run_dir)
+            if final1 is None:  # (a fresh model here would train half-tuned shards without a word)
+                raise DD2Error(f"Run {run_dir} has no finished stage 1 to start stage 2 from; "
+                               "resume it with --stage 1 first.")
             psi0 = r.new_model()
-            if final1 is not None:
-                final1.load_module("model", psi0)
+            final1.load_module("model", psi0)
         result.stage1_step = settings.stage1.steps
         if req.stage == "1":
             return result

@@ -211,23 +211,19 @@ def _torchrun(args, port, env, timeout=600):
 def test_two_process_resume_and_fsdp_match_an_uninterrupted_ddp_run(tmp_path):
     """2 ranks: DDP stopped after 2 stage-2 updates and resumed equals DDP run straight through, bit for bit
     (each rank continues its own random streams). FSDP (sharded parameters, gradients, Adam state), also
-    stopped and resumed, follows the same trajectory: same losses, same Adam moments, same weights.
+    stopped and resumed, follows the same trajectory with the usual learning rates: the same losses, Adam
+    moments and weights to rounding (FSDP reduces in another order, so it is not bit-identical; measured:
+    losses equal, weights within 1.5e-8, moments within 1.5e-6 relative).
 
-    FSDP reduces in another order than DDP, so it matches to rounding, not bit for bit. Adam turns rounding
-    differences in small gradients into steps of size ~lr (its first steps are ~lr·sign(g)), so with the usual
-    learning rates the two runs drift apart at the 1e-3 level within a few updates (stage 1 included: the FSDP
-    run trains its own stage 1, and in about one run in three its 4 steps already put the first stage-2 loss
-    1.3e-3 away). Both stages therefore run with tiny learning rates here: the Adam moments (which do not
-    depend on the learning rate) and the losses still test the resume (a lost optimiser state, a wrong data
-    stream or unloaded weights show up by orders of magnitude), while the weights stay comparable."""
+    This test also guards stage 2's start under FSDP: every rank must load the same finished stage 1. Rank 1
+    once read the run folder before rank 0 had marked its stage-1 checkpoint final, started from an untuned
+    model, and about one run in three trained half-tuned shards (first stage-2 loss 7e-5 off)."""
     from dd2cli.checkpoint import latest_checkpoint
 
     env = _env()
     common = ["--teacher", "synthetic-corr", "--device", "cpu", "--set", "stage1.steps=4", "--set",
               "stage1.head_only_steps=2", "--set", "stage1.batch_size=8", "--set", "stage2.batch_size=8",
-              "--set", "head.width=32", "--set", "run.sample_every=0", "--set", "run.log_every=1",
-              "--set", "stage1.lr=1e-7", "--set", "stage1.backbone_lr=1e-7",
-              "--set", "stage2.lr=1e-7", "--set", "stage2.guidance_lr=1e-7"]
+              "--set", "head.width=32", "--set", "run.sample_every=0", "--set", "run.log_every=1"]
     _torchrun([*common, "--out", str(tmp_path / "ddp"), "--set", "stage2.steps=3"], 29521, env)
     for mode, port in (("ddp", 29522), ("fsdp", 29523)):
         out = str(tmp_path / f"{mode}-resumed")
@@ -249,16 +245,16 @@ def test_two_process_resume_and_fsdp_match_an_uninterrupted_ddp_run(tmp_path):
         losses = stage2_losses(run)
         assert [s for s, _, _ in losses] == [1, 2, 3]  # the resumed run re-logs nothing twice
         for (_, a, b), (_, c, d) in zip(losses, ref_losses):
-            assert (a, b) == (c, d) if exact else abs(a - c) <= 1e-5 * abs(c) and abs(b - d) <= 1e-5 * abs(d), \
+            assert (a, b) == (c, d) if exact else abs(a - c) <= 1e-6 * abs(c) and abs(b - d) <= 1e-6 * abs(d), \
                 (mode, (a, b), (c, d))
         for k, v in ref.weights.items():
-            assert torch.allclose(got.weights[k], v, rtol=0, atol=0 if exact else 1e-6), (mode, k)
+            assert torch.allclose(got.weights[k], v, rtol=0, atol=0 if exact else 2e-7), (mode, k)
         for name in ("generator", "guidance"):
             a, b = ref.optimizer_state(name), got.optimizer_state(name)
             assert a["state"].keys() == b["state"].keys()
             for i, entry in a["state"].items():
                 for key, value in entry.items():
-                    assert torch.allclose(b["state"][i][key], value, rtol=0 if exact else 1e-3,
+                    assert torch.allclose(b["state"][i][key], value, rtol=0 if exact else 1e-4,
                                           atol=0 if exact else 1e-8), (mode, name, i, key)
         assert sorted(got.rng()) == sorted(ref.rng())  # both ranks' random streams are stored
 

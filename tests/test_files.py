@@ -100,3 +100,32 @@ def test_strict_matching_names_the_first_bad_key():
     bad["0.weight"] = torch.ones(4, 2)
     with pytest.raises(CheckpointMismatchError, match=r"'0\.weight'.*\(4, 2\).*\(3, 2\)"):
         check_state_dict(m, bad, variant="toy")
+
+
+def test_final_stage1_checkpoint_appears_with_its_mark(tmp_path, monkeypatch):
+    """The end of stage 1 is marked inside the checkpoint before it becomes visible: another rank (or a resume
+    after a kill) that sees the checkpoint folder also sees the mark, and stage 2 starts from it."""
+    import os
+
+    from dd2cli import checkpoint
+    from dd2cli.checkpoint import final_stage1_checkpoint, save_checkpoint
+
+    seen = []
+    real_replace = os.replace
+
+    def replace(src, dst):  # (os.replace also moves the files into the folder: look at folders only)
+        if os.path.isdir(src):
+            seen.append(sorted(p.name for p in os.scandir(src)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "replace", replace)
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.Adam(model.parameters())
+    save_checkpoint(tmp_path, 1, 3, {"model": model}, {"model": opt}, {}, {}, keep=1)
+    assert final_stage1_checkpoint(tmp_path) is None
+    path = save_checkpoint(tmp_path, 1, 4, {"model": model}, {"model": opt}, {}, {}, keep=1, final=True)
+    assert "FINAL" in seen[-1] and "FINAL" not in seen[0]
+    assert final_stage1_checkpoint(tmp_path).path == path
+    save_checkpoint(tmp_path, 2, 1, {"generator": model}, {"generator": opt}, {}, {}, keep=1)
+    save_checkpoint(tmp_path, 1, 5, {"model": model}, {"model": opt}, {}, {}, keep=1)
+    assert path.is_dir()  # pruning keeps the final stage-1 checkpoint
