@@ -270,7 +270,8 @@ def distill(
     console.print(f"Done: {result.run_dir}", highlight=False)
     if result.grid is not None:
         console.print(f"Sample grid: {result.grid}", highlight=False)
-    _quality_table(result.run_dir, device, result.threads)
+    if stage != "1":  # (after stage 1 alone there is no generator to score yet)
+        _quality_table(result.run_dir, device, result.threads)
 
 
 def _quality_table(run_dir: Path, device: Optional[str], threads: int = 0) -> None:

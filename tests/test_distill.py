@@ -259,6 +259,21 @@ def test_two_process_resume_and_fsdp_match_an_uninterrupted_ddp_run(tmp_path):
         assert sorted(got.rng()) == sorted(ref.rng())  # both ranks' random streams are stored
 
 
+def test_stage1_alone_then_stage2_on_resume(synthetic_plugin, tmp_path):
+    """`--stage 1` stops after stage 1 without the end-of-run quality table (there is no generator to score
+    yet; it used to fail with 'no stage-2 checkpoint'); `--resume RUN --stage 2` then trains stage 2 alone."""
+    out = tmp_path / "run"
+    res = runner.invoke(app, ["distill", "--teacher", "synthetic-corr", "--out", str(out), *TINY, "--stage", "1",
+                              "--set", "run.eval_samples=8"])
+    assert res.exit_code == 0, res.output
+    assert "stage-2" not in res.output and not (out / "quality.json").exists()
+    assert json.loads((out / "latest.json").read_text())["stage"] == 1
+    res = runner.invoke(app, ["distill", "--resume", str(out), "--stage", "2", "--set", "run.eval_samples=0"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((out / "latest.json").read_text()) == {"stage": 2, "step": 4,
+                                                             "path": "checkpoints/stage2-0000004"}
+
+
 def test_stage1_from_token_dataset_and_cached_shards(synthetic_plugin, tmp_path):
     from dd2cli.files import save_safetensors
     from synthetic import SyntheticTeacher
