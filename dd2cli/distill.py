@@ -28,6 +28,7 @@ from .distributed import (DistInfo, average_gradients, average_scalar, barrier, 
                           load_optimizer_state, reshard, shard_model)
 from .errors import ConfigError, DD2Error
 from .files import load_safetensors, read_json, save_safetensors, write_json
+from .flowmap import flow_map_loss
 from .heads import MLPHead
 from .images import save_grid
 from .losses import TimestepSpec, csd_loss, fcs_loss, gts_loss, step_balance_weights
@@ -244,10 +245,10 @@ class _Run:
         end means every rank sees the finished checkpoint (with its `final` mark) on return."""
         path = None
         rng = self.all_rng_states()
-        if self.sharded:  # each optimiser is keyed like the module it updates
-            self.resharded(*modules.values())
+        if self.sharded:  # each optimiser is keyed like the module it updates; plain state dicts pass as they are
+            self.resharded(*(m for m in modules.values() if isinstance(m, torch.nn.Module)))
             optimizers = {k: full_optimizer_state(modules[k], opt, True) for k, opt in optimizers.items()}
-            modules = {k: full_state_dict(m, True) for k, m in modules.items()}
+            modules = {k: m if isinstance(m, Mapping) else full_state_dict(m, True) for k, m in modules.items()}
         if self.dist.is_main:
             path = save_checkpoint(self.run_dir, stage, step, modules, optimizers, state, rng,
                                    keep=self.settings.run.keep_checkpoints, final=final)
@@ -400,6 +401,9 @@ def _stage1(run: _Run, ckpt: Checkpoint | None) -> ARDiffusion:
     opt = torch.optim.AdamW([{"params": head_params, "lr": s1.lr, "name": "head"},
                              {"params": backbone_params, "lr": s1.backbone_lr, "name": "backbone"}],
                             betas=(0.9, 0.95), weight_decay=s1.weight_decay)
+    if ckpt is not None and ckpt.has_module("generator"):  # GTS is over: the flow-map phase was under way
+        return model
+    flow_phase = run.settings.flow_init.steps > 0  # then the end of stage 1 is the end of that phase
     start = 0
     if ckpt is not None:
         load_optimizer_state(model, opt, ckpt.optimizer_state("model"), run.sharded)
@@ -408,8 +412,8 @@ def _stage1(run: _Run, ckpt: Checkpoint | None) -> ARDiffusion:
     if start >= s1.steps:
         # stage 1 switched off (steps = 0): record the untuned model as its result; a run written before the
         # mark went in with the checkpoint may also lack it
-        if final_stage1_checkpoint(run.run_dir) is None:
-            run.checkpoint(1, start, {"model": model}, {"model": opt}, {}, final=True)
+        if ckpt is None or (not flow_phase and final_stage1_checkpoint(run.run_dir) is None):
+            run.checkpoint(1, start, {"model": model}, {"model": opt}, {}, final=not flow_phase)
         return model
     batches = _token_batches(run, run.per_rank(s1.batch_size))
     timesteps = TimestepSpec(**to_dict(s1.timesteps))
@@ -420,8 +424,10 @@ def _stage1(run: _Run, ckpt: Checkpoint | None) -> ARDiffusion:
         backbone_trains = step >= s1.head_only_steps
         if not run.sharded:  # (FSDP keeps requires_grad fixed: its gathered copies would not follow a toggle)
             model.backbone.requires_grad_(backbone_trains)
-        _set_lr(opt, {"head": _lr_at(step, s1.lr, s1.warmup_steps),
-                      "backbone": _lr_at(step - s1.head_only_steps, s1.backbone_lr, s1.warmup_steps)
+        decay = {"decay": s1.lr_decay, "final": s1.lr_final}
+        _set_lr(opt, {"head": _lr_at(step, s1.lr, s1.warmup_steps, total=s1.steps, **decay),
+                      "backbone": _lr_at(step - s1.head_only_steps, s1.backbone_lr, s1.warmup_steps,
+                                         total=s1.steps - s1.head_only_steps, **decay)
                       if backbone_trains else 0.0})
         # 1. a batch of teacher token sequences
         tokens, labels = next(batches)
@@ -450,8 +456,66 @@ def _stage1(run: _Run, ckpt: Checkpoint | None) -> ARDiffusion:
         if (step + 1) % run.settings.run.checkpoint_every == 0 and step + 1 < s1.steps:
             run.checkpoint(1, step + 1, {"model": model}, {"model": opt}, {})
     run.progress.stop()
-    run.checkpoint(1, s1.steps, {"model": model}, {"model": opt}, {}, final=True)
+    run.checkpoint(1, s1.steps, {"model": model}, {"model": opt}, {}, final=not flow_phase)
     return model
+
+
+def _flow_init(run: _Run, ckpt: Checkpoint | None) -> None:
+    """Optional end of stage 1 (`flow_init.steps > 0`): the generator regressed onto the teacher's flow map.
+
+    Its updates count on from stage 1's last step; its checkpoints hold ψ₀ (no longer trained) and the
+    generator, and the last one is the final checkpoint of stage 1 that stage 2 starts from.
+    """
+    fi, offset = run.settings.flow_init, run.settings.stage1.steps
+    if fi.steps <= 0:
+        return
+    resuming = ckpt is not None and ckpt.stage == 1 and ckpt.has_module("generator")
+    src = ckpt if resuming else latest_checkpoint(run.run_dir)  # else: the checkpoint that ended GTS
+    psi0_state = src.module_state("model")  # a plain copy on every rank, written with every checkpoint
+    gen = Generator(run.new_model()).eval()
+    if resuming:
+        src.load_module("generator", gen)
+    else:
+        gen.model.load_state_dict(psi0_state)
+    run.shard(gen.model)
+    opt = torch.optim.Adam([{"params": list(gen.parameters()), "name": "g"}], lr=1e-6, betas=(0.9, 0.95))
+    start = 0
+    if resuming:
+        load_optimizer_state(gen, opt, ckpt.optimizer_state("generator"), run.sharded)
+        run.restore_rng(ckpt.rng())
+        start = ckpt.step - offset
+    if start >= fi.steps:
+        return
+    batch = run.per_rank(fi.batch_size)
+    n, d = run.spec.num_tokens, run.spec.latent_dim
+    score_kw = {"chunk_size": run.settings.score.chunk_size, "support": run.settings.score.support}
+    modules = {"model": psi0_state, "generator": gen}
+    run.progress.start("stage 1 (flow-map init)", fi.steps, start)
+    t0, done = time.perf_counter(), 0
+    for step in range(start, fi.steps):
+        _set_lr(opt, _lr_at(step, fi.lr, fi.warmup_steps))
+        labels = run.labels(batch)
+        eps = torch.randn(batch, n, d, generator=run.gen_train, device=run.device)
+        with run.autocast():
+            loss, agree = flow_map_loss(gen, run.teacher, eps, labels, settings=run.target,
+                                        euler_steps=fi.euler_steps, **score_kw)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        run.reduce_gradients(gen.parameters())
+        grad_norm = _clip(gen.parameters(), fi.grad_clip)
+        opt.step()
+        loss_value = average_scalar(loss.item(), run.dist)
+        run.check_finite(1, offset + step + 1, flow=loss_value)
+        done += 1
+        metrics = {"loss_flow": loss_value, "flow_agree": average_scalar(agree, run.dist), "grad_norm": grad_norm,
+                   "lr": opt.param_groups[0]["lr"], "it_s": done / (time.perf_counter() - t0)}
+        run.progress.update(step + 1, metrics)
+        if (step + 1) % run.settings.run.log_every == 0 or step + 1 == fi.steps:
+            run.log(1, offset + step + 1, metrics)
+        if (step + 1) % run.settings.run.checkpoint_every == 0 and step + 1 < fi.steps:
+            run.checkpoint(1, offset + step + 1, modules, {"generator": opt}, {})
+    run.progress.stop()
+    run.checkpoint(1, offset + fi.steps, modules, {"generator": opt}, {}, final=True)
 
 
 # ---- stage 2 ---------------------------------------------------------------------------------------
@@ -463,10 +527,14 @@ def _init_from(run: _Run, psi0: ARDiffusion, how: str) -> ARDiffusion:
     return fresh
 
 
-def _stage2(run: _Run, psi0: ARDiffusion, ckpt: Checkpoint | None) -> tuple[Generator, int, Path | None]:
+def _stage2(run: _Run, psi0: ARDiffusion, ckpt: Checkpoint | None,
+            generator_init: Mapping[str, torch.Tensor] | None = None) -> tuple[Generator, int, Path | None]:
+    """CSD; `generator_init`: the generator's starting weights when stage 1 ended with the flow-map phase."""
     s2 = run.settings.stage2
     guidance = _init_from(run, psi0, s2.init_guidance)
     gen = Generator(_init_from(run, psi0, s2.init_generator)).eval()
+    if generator_init is not None:
+        gen.load_state_dict(generator_init)
     ema = copy.deepcopy(gen).requires_grad_(False)
     resuming = ckpt is not None and ckpt.stage == 2
     if resuming:
@@ -702,6 +770,10 @@ def _run(req: DistillRequest, run_dir: Path, info: dict, settings: DistillSettin
         # stage 1 (skipped when a later checkpoint exists)
         if ckpt is None or ckpt.stage == 1:
             psi0 = _stage1(r, ckpt)
+            _flow_init(r, ckpt)
+        final1 = final_stage1_checkpoint(run_dir)
+        generator_init = (final1.module_state("generator") if final1 is not None and final1.has_module("generator")
+                          else None)
         if r.sharded or (ckpt is not None and ckpt.stage == 2):  # stage 2 starts from plain (unsharded) weights
             final1 = final_stage1_checkpoint(run_dir)
             if final1 is None:  # (a fresh model here would train half-tuned shards without a word)
@@ -715,7 +787,7 @@ def _run(req: DistillRequest, run_dir: Path, info: dict, settings: DistillSettin
         if req.stage == "2" and final_stage1_checkpoint(run_dir) is None:
             raise DD2Error(f"Run {run_dir} has no finished stage 1; run it first (--stage 1 or all).")
         ckpt2 = ckpt if ckpt is not None and ckpt.stage == 2 else None
-        result.generator, result.stage2_step, result.grid = _stage2(r, psi0, ckpt2)
+        result.generator, result.stage2_step, result.grid = _stage2(r, psi0, ckpt2, generator_init)
         return result
     finally:
         cleanup(dist)

@@ -54,6 +54,9 @@ class Stage1Settings:
     head_only_steps: int = setting(0, "first steps with the backbone frozen (paper: VAR yes, LlamaGen no)")
     noise_draws: int = setting(4, "noisy draws (t, ε) per position per backbone pass (MAR's trick)")
     warmup_steps: int = setting(50, "linear learning-rate warm-up")
+    lr_decay: Literal["none", "cosine"] = setting("none", "after warm-up: constant learning rates, or a cosine "
+                                                          "decay of both to lr_final · lr at the last step (ours)")
+    lr_final: float = setting(0.0, "with lr_decay = cosine: the last step's fraction of each learning rate")
     weight_decay: float = setting(0.0, "AdamW weight decay")
     grad_clip: float = setting(1.0, "gradient norm clip (0 = off)")
     data: str = setting("teacher", "'teacher' = sequences drawn from the teacher; or a .safetensors token dataset "
@@ -63,6 +66,18 @@ class Stage1Settings:
     sampling: SamplingOverride = setting(SamplingOverride(), "teacher sampling for the data (default: the "
                                                             "variant's stage-1 settings)")
     timesteps: TimestepSettings = setting(TimestepSettings(), "timestep distribution of the GTS loss")
+
+
+@dataclass
+class FlowInitSettings:
+    steps: int = setting(0, "> 0: at the end of stage 1, regress the generator onto the teacher's flow map for this "
+                            "many updates, so that CSD starts near the teacher's joint (ours, DD1-style; costs one "
+                            "teacher pass per AR step per update)")
+    batch_size: int = setting(64, "sequences per update (global, split over ranks)")
+    lr: float = setting(1e-3, "learning rate of the generator during the regression")
+    warmup_steps: int = setting(20, "linear learning-rate warm-up from 1e-6")
+    euler_steps: int = setting(20, "Euler steps of the closed-form ODE per AR step (from t = 1 to 0)")
+    grad_clip: float = setting(1.0, "gradient norm clip (0 = off)")
 
 
 @dataclass
@@ -140,6 +155,8 @@ class DistillSettings:
     adapt: AdaptSettings = setting(AdaptSettings(), "optional continuous input adaptation of the teacher")
     head: HeadSettings = setting(HeadSettings(), "the MLP head shared by all three networks")
     stage1: Stage1Settings = setting(Stage1Settings(), "stage 1: AR-diffusion tuning with the GTS loss")
+    flow_init: FlowInitSettings = setting(FlowInitSettings(), "optional end of stage 1: the generator regressed "
+                                                              "onto the teacher's flow map")
     stage2: Stage2Settings = setting(Stage2Settings(), "stage 2: conditional score distillation")
     score: ScoreSettings = setting(ScoreSettings(), "closed-form score computation")
     run: RunSettings = setting(RunSettings(), "logging, checkpoints, sample grids")
@@ -153,12 +170,24 @@ class DistillSettings:
             if value <= 0:
                 raise ConfigError(f"Setting '{name}' must be positive, got {value}.")
         for name, value in (("stage1.steps", self.stage1.steps), ("stage2.steps", self.stage2.steps),
+                            ("flow_init.steps", self.flow_init.steps),
                             ("stage2.guidance_updates", self.stage2.guidance_updates)):
             if value < 0:
                 raise ConfigError(f"Setting '{name}' must be >= 0, got {value}.")
         if self.threads < -1:
             raise ConfigError(f"Setting 'threads' must be a count >= 1, 0 (torch's default) or -1 (auto), "
                               f"got {self.threads}.")
+        if self.flow_init.steps > 0:
+            for name, value in (("flow_init.batch_size", self.flow_init.batch_size),
+                                ("flow_init.euler_steps", self.flow_init.euler_steps)):
+                if value <= 0:
+                    raise ConfigError(f"Setting '{name}' must be positive, got {value}.")
+            if not self.flow_init.lr > 0:
+                raise ConfigError(f"Setting 'flow_init.lr' must be > 0, got {self.flow_init.lr}.")
+            if self.stage2.init_generator != "ar-diffusion":
+                raise ConfigError("flow_init.steps > 0 trains the generator's initialisation, which "
+                                  f"stage2.init_generator = '{self.stage2.init_generator}' would discard; set one "
+                                  "of them back (flow_init.steps = 0 or stage2.init_generator = 'ar-diffusion').")
         for name, value in (("stage1.lr", self.stage1.lr), ("stage2.lr", self.stage2.lr),
                             ("stage2.guidance_lr", self.stage2.guidance_lr)):
             if not value > 0:
@@ -166,9 +195,10 @@ class DistillSettings:
         for ts_name, ts in (("stage1.timesteps", self.stage1.timesteps), ("stage2.timesteps", self.stage2.timesteps)):
             if not 0 < ts.t_min < 1:
                 raise ConfigError(f"Setting '{ts_name}.t_min' must be in (0, 1), got {ts.t_min}.")
-        if not 0 <= self.stage2.lr_final <= 1:
-            raise ConfigError(f"Setting 'stage2.lr_final' must be in [0, 1] (a fraction of stage2.lr), "
-                              f"got {self.stage2.lr_final}.")
+        for name, value in (("stage1.lr_final", self.stage1.lr_final), ("stage2.lr_final", self.stage2.lr_final)):
+            if not 0 <= value <= 1:
+                raise ConfigError(f"Setting '{name}' must be in [0, 1] (a fraction of the learning rate), "
+                                  f"got {value}.")
 
 
 #: Defaults for the bundled CPU demo teachers (`var-digits`, `llamagen-digits`), applied by their plugins.

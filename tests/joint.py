@@ -102,14 +102,20 @@ def report(run_dir: Path, n: int = 20000) -> dict[str, float]:
              Progress())
     psi0 = stage1_model(run_dir, r.new_model)
     init = Generator(copy.deepcopy(psi0)).eval()
-    return {
+    out = {
         "noise floor (teacher samples)": tv_teacher_samples(teacher, n),
         "set-prediction baseline": tv_set_prediction(teacher, n),
         "generator at initialisation": tv_generator(init, teacher, n),
         "AR-diffusion, 10 Euler steps/token": tv_ar_diffusion(psi0, teacher, n),
-        "generator (raw)": tv_generator(raw, teacher, n),
-        "generator (EMA)": tv_generator(ema, teacher, n),
     }
+    final1 = final_stage1_checkpoint(run_dir)
+    if final1.has_module("generator"):  # stage 1 ended with the flow-map regression (flow_init.steps > 0)
+        flow_gen = Generator(r.new_model()).eval()
+        final1.load_module("generator", flow_gen)
+        out["generator after the flow-map init"] = tv_generator(flow_gen, teacher, n)
+    out["generator (raw)"] = tv_generator(raw, teacher, n)
+    out["generator (EMA)"] = tv_generator(ema, teacher, n)
+    return out
 
 
 def generator_at(run_dir: Path, stage2_step: int, which: str = "ema"):

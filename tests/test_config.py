@@ -143,3 +143,18 @@ def test_threads_below_minus_one_is_refused():
     s.threads = -2
     with pytest.raises(ConfigError, match="'threads'"):
         s.validate()
+
+
+def test_flow_init_with_a_backbone_generator_is_refused():
+    from dd2cli.settings import DistillSettings
+
+    s = DistillSettings()
+    s.flow_init.steps = 10
+    s.validate()  # with the default initialisation it is fine
+    s.stage2.init_generator = "backbone"
+    with pytest.raises(ConfigError, match="flow_init.steps > 0 trains the generator's initialisation"):
+        s.validate()
+    s.stage2.init_generator = "ar-diffusion"
+    s.flow_init.euler_steps = 0
+    with pytest.raises(ConfigError, match="flow_init.euler_steps"):
+        s.validate()

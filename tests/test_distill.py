@@ -53,7 +53,7 @@ def test_threads_setting_applies_during_the_run_and_is_restored_after(synthetic_
     from dd2cli import distill
 
     seen = []
-    monkeypatch.setattr(distill, "_stage2", lambda r, psi0, ckpt: seen.append(torch.get_num_threads()) or
+    monkeypatch.setattr(distill, "_stage2", lambda r, psi0, ckpt, init=None: seen.append(torch.get_num_threads()) or
                         (None, 0, None))
     before = torch.get_num_threads()
     res = runner.invoke(app, ["distill", "--teacher", "synthetic-corr", "--out", str(tmp_path / "run"), *TINY,
@@ -257,6 +257,61 @@ def test_two_process_resume_and_fsdp_match_an_uninterrupted_ddp_run(tmp_path):
                     assert torch.allclose(b["state"][i][key], value, rtol=0 if exact else 1e-4,
                                           atol=0 if exact else 1e-8), (mode, name, i, key)
         assert sorted(got.rng()) == sorted(ref.rng())  # both ranks' random streams are stored
+
+
+def test_stage1_cosine_decay_reaches_the_final_fraction(synthetic_plugin, tmp_path):
+    out = tmp_path / "run"
+    res = runner.invoke(app, ["distill", "--teacher", "synthetic-corr", "--out", str(out), *TINY, "--stage", "1",
+                              "--set", "stage1.warmup_steps=2", "--set", "stage1.lr=1e-3",
+                              "--set", "stage1.lr_decay=cosine", "--set", "stage1.lr_final=0.1"])
+    assert res.exit_code == 0, res.output
+    lrs = [json.loads(line)["lr"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(lrs) == 6 and lrs[1] == pytest.approx(1e-3)  # warmed up
+    assert all(a > b for a, b in zip(lrs[1:], lrs[2:])) and lrs[-1] == pytest.approx(1e-4)
+
+
+def test_flow_init_ends_stage1_seeds_the_generator_and_resumes_exactly(synthetic_plugin, tmp_path):
+    """`flow_init.steps`: after GTS, the generator is regressed onto the teacher's flow map; its updates count on
+    from stage 1's steps, the last checkpoint (ψ₀ + generator) is stage 1's final one, and stage 2's generator
+    starts from it. Stopped after 2 of its 4 updates and resumed, it ends bit for bit where a straight run does."""
+    from dd2cli.checkpoint import final_stage1_checkpoint
+
+    flow = ["--set", "flow_init.batch_size=8", "--set", "flow_init.euler_steps=4", "--set", "flow_init.warmup_steps=2", "--set", "run.keep_checkpoints=0"]
+    a = tmp_path / "a"
+    res = runner.invoke(app, ["distill", "--teacher", "synthetic-corr", "--out", str(a), *TINY, *flow,
+                              "--set", "flow_init.steps=4", "--stage", "1"])
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(line) for line in (a / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss_gts" in r] == list(range(1, 7))
+    assert [r["step"] for r in rows if "loss_flow" in r] == [7, 8, 9, 10]
+    assert all(0 <= r["flow_agree"] <= 1 for r in rows if "loss_flow" in r)
+    final = final_stage1_checkpoint(a)
+    assert final.path.name == "stage1-0000010" and final.has_module("generator") and final.has_module("model")
+    assert not (a / "checkpoints" / "stage1-0000006" / "FINAL").exists()  # GTS alone no longer ends stage 1
+    gts_end = load_safetensors(a / "checkpoints" / "stage1-0000006" / "modules.safetensors")[0]
+    for k, v in final.module_state("model").items():
+        assert torch.equal(v, gts_end[f"model.{k}"]), k  # ψ₀ is carried unchanged
+    assert any(not torch.equal(v, final.module_state("model")[k[len("model."):]])
+               for k, v in final.module_state("generator").items())  # the generator did move
+
+    b = tmp_path / "b"
+    res = runner.invoke(app, ["distill", "--teacher", "synthetic-corr", "--out", str(b), *TINY, *flow,
+                              "--set", "flow_init.steps=2", "--stage", "1"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["distill", "--resume", str(b), "--set", "flow_init.steps=4", "--stage", "1"])
+    assert res.exit_code == 0, res.output
+    resumed = final_stage1_checkpoint(b)
+    assert resumed.path.name == "stage1-0000010"
+    for k, v in final.module_state("generator").items():
+        assert torch.equal(resumed.module_state("generator")[k], v), k
+
+    res = runner.invoke(app, ["distill", "--resume", str(a), "--stage", "2", "--set", "stage2.steps=0"])
+    assert res.exit_code == 0, res.output
+    start = load_safetensors(a / "checkpoints" / "stage2-0000000" / "modules.safetensors")[0]
+    for k, v in final.module_state("generator").items():
+        assert torch.equal(start[f"generator.{k}"], v) and torch.equal(start[f"ema.{k}"], v), k
+    for k, v in final.module_state("model").items():
+        assert torch.equal(start[f"guidance.{k}"], v), k  # the guidance network starts from ψ₀, as without it
 
 
 def test_stage1_alone_then_stage2_on_resume(synthetic_plugin, tmp_path):
