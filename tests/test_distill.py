@@ -223,7 +223,9 @@ def test_two_process_resume_and_fsdp_match_an_uninterrupted_ddp_run(tmp_path):
     env = _env()
     common = ["--teacher", "synthetic-corr", "--device", "cpu", "--set", "stage1.steps=4", "--set",
               "stage1.head_only_steps=2", "--set", "stage1.batch_size=8", "--set", "stage2.batch_size=8",
-              "--set", "head.width=32", "--set", "run.sample_every=0", "--set", "run.log_every=1"]
+              "--set", "head.width=32", "--set", "run.sample_every=0", "--set", "run.log_every=1",
+              # stage 1 ends with a short flow-map phase: stage 2's generator starts from its result in both modes
+              "--set", "flow_init.steps=2", "--set", "flow_init.batch_size=8", "--set", "flow_init.euler_steps=4"]
     _torchrun([*common, "--out", str(tmp_path / "ddp"), "--set", "stage2.steps=3"], 29521, env)
     for mode, port in (("ddp", 29522), ("fsdp", 29523)):
         out = str(tmp_path / f"{mode}-resumed")
