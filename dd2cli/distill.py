@@ -255,13 +255,14 @@ class _Run:
         barrier(self.dist)
         return path
 
-    def check_finite(self, stage: int, step: int, **losses: float) -> None:
+    def check_finite(self, stage: int, step: int, lr_key: str = "", **losses: float) -> None:
         for name, value in losses.items():
             if not math.isfinite(value):
                 last = latest_checkpoint(self.run_dir)
                 where = f"the last good checkpoint is {last.path}" if last else "no checkpoint was written yet"
+                key = lr_key or f"stage{stage}.lr"
                 raise DD2Error(f"The {name} loss became {value} at stage {stage} step {step}; {where} "
-                               f"(resume it with a lower learning rate, e.g. --set stage{stage}.lr=...).")
+                               f"(resume it with a lower learning rate, e.g. --set {key}=...).")
 
     def grid(self, generator_net: Generator, name: str) -> Path | None:
         """One row per class (up to 10), `grid_per_class` samples each, fixed noise."""
@@ -505,7 +506,7 @@ def _flow_init(run: _Run, ckpt: Checkpoint | None) -> None:
         grad_norm = _clip(gen.parameters(), fi.grad_clip)
         opt.step()
         loss_value = average_scalar(loss.item(), run.dist)
-        run.check_finite(1, offset + step + 1, flow=loss_value)
+        run.check_finite(1, offset + step + 1, lr_key="flow_init.lr", flow=loss_value)
         done += 1
         metrics = {"loss_flow": loss_value, "flow_agree": average_scalar(agree, run.dist), "grad_norm": grad_norm,
                    "lr": opt.param_groups[0]["lr"], "it_s": done / (time.perf_counter() - t0)}

@@ -140,6 +140,26 @@ def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(synthetic_plugin, tm
     assert json.loads((out / "latest.json").read_text())["step"] == 4
 
 
+def test_nan_in_the_flow_map_phase_names_its_step_and_learning_rate(synthetic_plugin, tmp_path, monkeypatch):
+    from dd2cli import distill
+
+    real = distill.flow_map_loss
+    calls = {"n": 0}
+
+    def poisoned(*a, **k):
+        calls["n"] += 1
+        loss, agree = real(*a, **k)
+        return (loss * float("nan") if calls["n"] == 3 else loss), agree
+
+    monkeypatch.setattr(distill, "flow_map_loss", poisoned)
+    res = runner.invoke(app, ["distill", "--teacher", "synthetic-corr", "--out", str(tmp_path / "run"), *TINY,
+                              "--set", "flow_init.steps=4", "--set", "flow_init.batch_size=8",
+                              "--set", "flow_init.euler_steps=2"])
+    assert res.exit_code == 2
+    assert "flow loss became nan at stage 1 step 9" in res.output and "flow_init.lr" in res.output
+    assert "stage1-0000008" in res.output  # (checkpoint_every = 2: the phase's second update)
+
+
 def _run_driver(args, env, **kw):
     return subprocess.run([sys.executable, DRIVER, *args], env=env, capture_output=True, text=True, **kw)
 
