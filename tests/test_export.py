@@ -33,7 +33,7 @@ from dd2cli.images import to_uint8
 runner = CliRunner()
 TINY = ("stage1.steps=2", "stage2.steps=3", "stage1.batch_size=4", "stage2.batch_size=4", "head.width=32",
         "head.depth=1", "run.checkpoint_every=100", "run.log_every=1", "run.grid_per_class=1",
-        "stage1.head_only_steps=0")
+        "stage1.head_only_steps=0", "flow_init.steps=2", "flow_init.batch_size=4", "flow_init.euler_steps=2")
 FAMILIES = {"synthetic": None, "var": "dd2_var", "llamagen": "dd2_llamagen"}
 
 

@@ -11,7 +11,9 @@ from dd2cli.files import read_json
 from dd2cli.losses import step_balance_weights
 
 TINY = ["--set", "stage1.steps=3", "--set", "stage2.steps=2", "--set", "stage1.batch_size=8",
-        "--set", "stage2.batch_size=8", "--set", "head.width=32", "--set", "run.sample_every=0", "--set", "threads=1"]
+        "--set", "stage2.batch_size=8", "--set", "head.width=32", "--set", "run.sample_every=0", "--set", "threads=1",
+        # var-digits ends stage 1 with 400 flow-map updates by default: keep 2, small
+        "--set", "flow_init.steps=2", "--set", "flow_init.batch_size=8", "--set", "flow_init.euler_steps=2"]
 
 
 def test_step_balance_weights_give_every_step_the_same_total():
