@@ -776,7 +776,6 @@ def _run(req: DistillRequest, run_dir: Path, info: dict, settings: DistillSettin
         generator_init = (final1.module_state("generator") if final1 is not None and final1.has_module("generator")
                           else None)
         if r.sharded or (ckpt is not None and ckpt.stage == 2):  # stage 2 starts from plain (unsharded) weights
-            final1 = final_stage1_checkpoint(run_dir)
             if final1 is None:  # (a fresh model here would train half-tuned shards without a word)
                 raise DD2Error(f"Run {run_dir} has no finished stage 1 to start stage 2 from; "
                                "resume it with --stage 1 first.")
@@ -785,7 +784,7 @@ def _run(req: DistillRequest, run_dir: Path, info: dict, settings: DistillSettin
         result.stage1_step = settings.stage1.steps
         if req.stage == "1":
             return result
-        if req.stage == "2" and final_stage1_checkpoint(run_dir) is None:
+        if req.stage == "2" and final1 is None:
             raise DD2Error(f"Run {run_dir} has no finished stage 1; run it first (--stage 1 or all).")
         ckpt2 = ckpt if ckpt is not None and ckpt.stage == 2 else None
         result.generator, result.stage2_step, result.grid = _stage2(r, psi0, ckpt2, generator_init)

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from . import flow
+from .losses import teacher_probs
 from .networks import Generator
 from .teacher import Teacher, nearest_codebook
 from .teachers import SamplingSettings
@@ -35,8 +36,6 @@ def teacher_flow_map(teacher: Teacher, eps_BNd: Tensor, labels_B: Tensor, settin
     earlier steps, then `euler_steps` Euler steps of the closed-form ODE from `t = 1` to `0`, then the
     nearest codebook entry. Deterministic in `(ε, labels)`.
     """
-    from .losses import teacher_probs
-
     codebook_Vd = teacher.codebook()
     B, N, d = eps_BNd.shape
     steps_N = teacher.steps_tensor().to(eps_BNd.device)

@@ -162,11 +162,16 @@ class DistillSettings:
     run: RunSettings = setting(RunSettings(), "logging, checkpoints, sample grids")
 
     def validate(self) -> None:
-        for name, value in (("stage1.batch_size", self.stage1.batch_size), ("stage2.batch_size", self.stage2.batch_size),
-                            ("stage1.noise_draws", self.stage1.noise_draws), ("head.width", self.head.width),
-                            ("stage2.guidance_draws", self.stage2.guidance_draws),
-                            ("stage2.generator_draws", self.stage2.generator_draws),
-                            ("run.checkpoint_every", self.run.checkpoint_every), ("run.log_every", self.run.log_every)):
+        flow = self.flow_init.steps > 0  # (the flow_init settings matter only then)
+        positive = [("stage1.batch_size", self.stage1.batch_size), ("stage2.batch_size", self.stage2.batch_size),
+                    ("stage1.noise_draws", self.stage1.noise_draws), ("head.width", self.head.width),
+                    ("stage2.guidance_draws", self.stage2.guidance_draws),
+                    ("stage2.generator_draws", self.stage2.generator_draws),
+                    ("run.checkpoint_every", self.run.checkpoint_every), ("run.log_every", self.run.log_every)]
+        if flow:
+            positive += [("flow_init.batch_size", self.flow_init.batch_size),
+                         ("flow_init.euler_steps", self.flow_init.euler_steps)]
+        for name, value in positive:
             if value <= 0:
                 raise ConfigError(f"Setting '{name}' must be positive, got {value}.")
         for name, value in (("stage1.steps", self.stage1.steps), ("stage2.steps", self.stage2.steps),
@@ -177,19 +182,13 @@ class DistillSettings:
         if self.threads < -1:
             raise ConfigError(f"Setting 'threads' must be a count >= 1, 0 (torch's default) or -1 (auto), "
                               f"got {self.threads}.")
-        if self.flow_init.steps > 0:
-            for name, value in (("flow_init.batch_size", self.flow_init.batch_size),
-                                ("flow_init.euler_steps", self.flow_init.euler_steps)):
-                if value <= 0:
-                    raise ConfigError(f"Setting '{name}' must be positive, got {value}.")
-            if not self.flow_init.lr > 0:
-                raise ConfigError(f"Setting 'flow_init.lr' must be > 0, got {self.flow_init.lr}.")
-            if self.stage2.init_generator != "ar-diffusion":
-                raise ConfigError("flow_init.steps > 0 trains the generator's initialisation, which "
-                                  f"stage2.init_generator = '{self.stage2.init_generator}' would discard; set one "
-                                  "of them back (flow_init.steps = 0 or stage2.init_generator = 'ar-diffusion').")
-        for name, value in (("stage1.lr", self.stage1.lr), ("stage2.lr", self.stage2.lr),
-                            ("stage2.guidance_lr", self.stage2.guidance_lr)):
+        if flow and self.stage2.init_generator != "ar-diffusion":
+            raise ConfigError("flow_init.steps > 0 trains the generator's initialisation, which "
+                              f"stage2.init_generator = '{self.stage2.init_generator}' would discard; set one "
+                              "of them back (flow_init.steps = 0 or stage2.init_generator = 'ar-diffusion').")
+        rates = [("stage1.lr", self.stage1.lr), ("stage2.lr", self.stage2.lr),
+                 ("stage2.guidance_lr", self.stage2.guidance_lr)]
+        for name, value in rates + ([("flow_init.lr", self.flow_init.lr)] if flow else []):
             if not value > 0:
                 raise ConfigError(f"Setting '{name}' must be > 0, got {value}.")
         for ts_name, ts in (("stage1.timesteps", self.stage1.timesteps), ("stage2.timesteps", self.stage2.timesteps)):
