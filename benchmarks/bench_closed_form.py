@@ -43,8 +43,8 @@ MODES = (("forward", ("dense", "chunked", "chunked+top-k")),
 
 def _child(args) -> None:
     import torch
-
     from _measure import peak_memory, timeit
+
     from dd2cli import flow
 
     torch.manual_seed(0)

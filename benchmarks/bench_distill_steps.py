@@ -71,7 +71,7 @@ def parser() -> argparse.ArgumentParser:
 
 def run(args) -> dict:
     """Times and peak memory of the four steps; returns {"rows": {name: {...}}, "shape": {...}}."""
-    from dd2cli.accel import autocast, check_precision
+    from dd2cli.engine.runtime import autocast, check_precision
     from dd2cli.heads import MLPHead
     from dd2cli.losses import TimestepSpec, csd_loss, fcs_loss, gts_loss
     from dd2cli.networks import ARDiffusion, Generator

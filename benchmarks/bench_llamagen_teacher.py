@@ -24,10 +24,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _measure import time_runs  # noqa: E402
-from dd2cli.teachers import SamplingSettings
+
 from dd2_llamagen.gpt import GPTConfig, LlamaGenGPT
 from dd2_llamagen.teacher import LlamaGenTeacher
 from dd2_llamagen.vq import VQConfig, VQModel
+from dd2cli.teachers import SamplingSettings
 
 UPSTREAM_SAMPLE_B1_S = 10.8
 UPSTREAM_TEACHER_FORCED_B1_S = 0.31

@@ -36,7 +36,7 @@ def build_subject(name: str, device: str):
     random weights, sampled with the paper's evaluation settings; anything else is a registered
     variant whose weights are present (e.g. the bundled `var-digits`, `llamagen-digits`).
     """
-    from dd2cli.sample import untrained_generator
+    from dd2cli.engine.speed import untrained_generator
 
     if name.startswith("var-d") and name[5:].isdigit():
         from dd2_var import EVALUATION
@@ -60,7 +60,7 @@ def build_subject(name: str, device: str):
 
 
 def _speed(args) -> None:
-    from dd2cli.evaluate import time_sampling
+    from dd2cli.engine.speed import time_sampling
 
     device = args.device
     teacher, gen, name = build_subject(f"var-d{args.var_depth}" if args.var_depth else args.teacher, device)
@@ -77,8 +77,8 @@ def _speed(args) -> None:
 def _io(args) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    from dd2cli.evaluate import open_images, write_adm_npz
-    from dd2cli.sample import _read_pngs, _Writer
+    from dd2cli.engine.adm_npz import write_adm_npz
+    from dd2cli.engine.sample_sets import _read_pngs, _Writer, open_images
 
     size, n = args.io, args.io_count
     # smooth random images compress like real samples better than white noise does

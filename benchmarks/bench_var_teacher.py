@@ -23,6 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _measure import time_runs  # noqa: E402
+
 from dd2_var import EVALUATION
 from dd2_var.config import vae_config, var_config
 from dd2_var.teacher import new_teacher

@@ -72,11 +72,11 @@ def _defaults(args) -> None:
 def sampling(args) -> list[dict]:
     """One row per (model, batch): generation and decode seconds of teacher and one-step generator."""
     import torch
-
     from _measure import timeit
     from bench_sampling_speed import build_subject
-    from dd2cli.accel import sampling_context
-    from dd2cli.evaluate import time_sampling
+
+    from dd2cli.engine.runtime import sampling_context
+    from dd2cli.engine.speed import time_sampling
 
     rows = []
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
@@ -182,7 +182,7 @@ def main(argv=None) -> None:
         sys.exit(f"--only: unknown section(s) {', '.join(sorted(unknown))}; choose from {', '.join(SECTIONS)}.")
     import torch
 
-    from dd2cli.accel import check_precision
+    from dd2cli.engine.runtime import check_precision
     from dd2cli.errors import DD2Error
 
     try:

@@ -1,19 +1,64 @@
 """dd2: Distilled Decoding 2 for image auto-regressive models.
 
-Importing this package is cheap (no torch, no plugin loading); see `dd2cli.cli` for the CLI.
+This package's top level is everything a teacher plugin needs, and nothing deeper: a plugin writes
+`import dd2cli` (or `from dd2cli import ...`) and never imports a submodule. Importing it is cheap (no
+torch, no plugin loading): the names that need torch (`Teacher`, `Backbone`, `BundleParts`,
+`ModuleRecipe`, `bundle_factory`, `nearest_codebook`, `load_generator`) are imported on first use.
+The command line is `dd2cli.cli`.
 """
 
+from .config import deep_merge
+from .errors import (
+    CheckpointMismatchError,
+    ConfigError,
+    DD2Error,
+    FileFormatError,
+    MissingWeightsError,
+    PluginError,
+    UnknownTeacherError,
+)
+from .files import (
+    check_state_dict,
+    fingerprint_file,
+    load_foreign_checkpoint,
+    load_safetensors,
+    load_state_dict_strict,
+    read_json,
+    save_safetensors,
+    sha256_file,
+    write_json,
+)
 from .hookspecs import hookimpl
+from .settings import CPU_DEMO_DEFAULTS
+from .teachers import Family, SamplingSettings, TeacherSpec, Variant, WeightFile
+from .version import __version__
 
-__version__ = "0.1.0"
+# name -> the module that defines it (imported on first use: these need torch)
+_LAZY = {
+    "Teacher": "teacher", "Backbone": "teacher", "BundleParts": "teacher", "ModuleRecipe": "teacher",
+    "bundle_factory": "teacher", "nearest_codebook": "teacher", "load_generator": "engine.bundle",
+}
 
-__all__ = ["hookimpl", "load_generator", "__version__"]
+__all__ = [
+    "__version__", "hookimpl",
+    # the contract
+    "Family", "Variant", "WeightFile", "TeacherSpec", "SamplingSettings", "Teacher", "Backbone", "BundleParts",
+    "ModuleRecipe", "bundle_factory", "nearest_codebook", "CPU_DEMO_DEFAULTS", "deep_merge",
+    # errors a plugin raises
+    "DD2Error", "ConfigError", "FileFormatError", "CheckpointMismatchError", "MissingWeightsError", "PluginError",
+    "UnknownTeacherError",
+    # files: safetensors + JSON written atomically, foreign checkpoints read with weights_only=True
+    "load_safetensors", "save_safetensors", "read_json", "write_json", "sha256_file", "fingerprint_file",
+    "load_foreign_checkpoint", "check_state_dict", "load_state_dict_strict",
+    # using a bundle from Python
+    "load_generator",
+]
 
 
 def __getattr__(name: str):
-    # `dd2cli.load_generator` imports torch only when it is used: `import dd2cli` stays instant
-    if name == "load_generator":
-        from .export import load_generator
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
 
-        return load_generator
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)

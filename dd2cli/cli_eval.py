@@ -1,57 +1,31 @@
-"""`dd2 eval fid|sfid|is|prec-recall|class-consistency|all|speed`: thin commands over `dd2cli.evaluate`."""
+"""`dd2 eval fid|sfid|is|prec-recall|class-consistency|all|speed`: thin commands over the evaluation engine."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Callable, Optional
 
 import typer
+from rich.table import Table
+
+from .cli_common import (
+    Features,
+    Precision,
+    Resize,
+    console,
+    handle_errors,
+    parse_weights,
+    progress_for,
+    say,
+    set_threads,
+    state,
+)
+from .errors import DD2Error
 
 _FORMAT = {"fid": ("FID", "{:.3f}"), "sfid": ("sFID", "{:.3f}"), "is": ("IS", "{:.2f}"),
            "precision": ("precision", "{:.3f}"), "recall": ("recall", "{:.3f}"),
            "class_consistency": ("class-consistency", "{:.3f}")}
-
-
-class _RichEvalProgress:
-    """A transient bar per feature pass (images/s), and plain messages."""
-
-    def __init__(self, console) -> None:
-        self._console = console
-        self._p = None
-        self._task = None
-        self._t0 = 0.0
-        self._done = 0
-
-    def start(self, description: str, total: int) -> None:
-        import time
-
-        if not self._console.is_terminal:  # a transient bar only leaves blank lines in a log or a pipe
-            return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self._p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                           TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=self._console,
-                           transient=True)
-        self._p.start()
-        self._task = self._p.add_task(description, total=total, rate="")
-        self._t0, self._done = time.perf_counter(), 0
-
-    def advance(self, count: int) -> None:
-        import time
-
-        if self._p is None:
-            return
-        self._done += count
-        rate = self._done / max(time.perf_counter() - self._t0, 1e-9)
-        self._p.update(self._task, advance=count, rate=f"{rate:.1f} images/s")
-
-    def stop(self) -> None:
-        if self._p is not None:
-            self._p.stop()
-            self._p = None
-
-    def message(self, text: str) -> None:
-        self._console.print(text, highlight=False)
 
 
 def _short(path: Path) -> str:
@@ -62,11 +36,7 @@ def _short(path: Path) -> str:
         return str(Path(*Path(path).parts[-2:]))
 
 
-def _print_results(console, results, as_json: bool) -> None:
-    import json
-
-    from rich.table import Table
-
+def _print_results(results, as_json: bool) -> None:
     if as_json:
         console.print_json(json.dumps([{"samples": str(r.samples), "count": r.count, "features": r.features,
                                         "reference": r.reference, "metrics": r.metrics} for r in results]))
@@ -85,12 +55,10 @@ def _print_results(console, results, as_json: bool) -> None:
                       *[_FORMAT[k][1].format(r.metrics[k]) if k in r.metrics else "-" for k in keys])
     console.print(table)
     for path in dict.fromkeys(r.json_path for r in results if r.json_path is not None):
-        console.print(f"Written: {path}", highlight=False)
+        say(f"Written: {path}")
 
 
 def _metric_command(metrics: tuple[str, ...], doc: str) -> Callable:
-    from .cli import console, handle_errors, state
-
     @handle_errors
     def command(
         samples: Optional[list[Path]] = typer.Argument(None, help="Sample sets: folders of PNGs or ADM .npz files "
@@ -98,38 +66,36 @@ def _metric_command(metrics: tuple[str, ...], doc: str) -> Callable:
         ref: Optional[Path] = typer.Option(None, "--ref", help="Reference: an ADM reference .npz (its mu/sigma are "
                                            "used when present), a folder or an .npz of images (digits default: the "
                                            "real train split at the samples' resolution)."),
-        features: str = typer.Option("auto", "--features", help="inception, digits, or auto (digits for samples of a "
+        features: Features = typer.Option(Features.auto, "--features", help="inception, digits, or auto (digits for samples of a "
                                      "digits teacher, else inception)."),
         inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", help="Path of "
                                                          "weights-inception-2015-12-05-6726825d.pth (else looked up "
                                                          "in $TORCH_HOME/hub/checkpoints; never downloaded)."),
-        resize: str = typer.Option("adm", "--resize", help="adm (TF1 bilinear, as the ADM evaluator) or antialias "
+        resize: Resize = typer.Option(Resize.adm, "--resize", help="adm (TF1 bilinear, as the ADM evaluator) or antialias "
                                    "(torchmetrics' default)."),
         batch_size: int = typer.Option(100, "--batch-size", "-b", help="Images per network pass."),
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
-        json_path: Optional[Path] = typer.Option(None, "--json", help="Write the results here (default: "
-                                                 "eval-<features>.json next to each sample set)."),
-        print_json: bool = typer.Option(False, "--print-json", help="Print machine-readable JSON instead of a table."),
+        json_out: Optional[Path] = typer.Option(None, "--json-out", help="Write the results file here (default: "
+                                                "eval-<features>.json next to each sample set)."),
+        as_json: bool = typer.Option(False, "--json", help="Print the results as JSON on stdout instead of a table."),
         threads: int = typer.Option(0, "--threads", help="CPU threads for torch (0 = torch's default)."),
     ) -> None:
-        from .cli_sample import _set_threads
-        from .evaluate import EvalRequest, evaluate
+        from .engine.evaluate import EvalRequest, evaluate
 
-        _set_threads(threads)
+        set_threads(threads)
 
-        req = EvalRequest(metrics=metrics, samples=tuple(samples or ()), ref=ref, features=features,
-                          inception_weights=inception_weights, resize=resize, batch_size=batch_size, device=device,
-                          json_path=json_path)
-        progress = None if state.quiet or print_json else _RichEvalProgress(console)
-        _print_results(console, evaluate(req, progress=progress), print_json)
+        req = EvalRequest(metrics=metrics, samples=tuple(samples or ()), ref=ref, features=features.value,
+                          inception_weights=inception_weights, resize=resize.value, batch_size=batch_size, device=device,
+                          json_path=json_out)
+        progress = progress_for(state.quiet or as_json, transient=True)
+        _print_results(evaluate(req, progress=progress), as_json)
 
     command.__doc__ = doc
     return command
 
 
-def register(app: typer.Typer) -> None:
-    from .cli import console, handle_errors, state
-
+def eval_app() -> typer.Typer:
+    """The `dd2 eval` command group."""
     eval_app = typer.Typer(help="Evaluate sample sets (FID, sFID, IS, precision/recall as the ADM evaluator; digits "
                                 "metrics) and sampling speed.", no_args_is_help=True)
     eval_app.command("fid")(_metric_command(("fid",), "Fréchet distance to the reference (Inception pool_3, or "
@@ -158,31 +124,25 @@ def register(app: typer.Typer) -> None:
         repeats: int = typer.Option(5, "--repeats", help="Timed repeats (the median is reported)."),
         warmup: int = typer.Option(2, "--warmup", help="Untimed warm-up runs."),
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
-        precision: str = typer.Option("fp32", "--precision", help="fp32, or bf16 (CUDA autocast; refused on CPU)."),
+        precision: Precision = typer.Option(Precision.fp32, "--precision", help="fp32, or bf16 (CUDA autocast; refused on CPU)."),
         compile_: bool = typer.Option(False, "--compile", help="torch.compile the one-step generator (compiled "
                                       "during the warm-up runs)."),
         threads: int = typer.Option(0, "--threads", help="CPU threads for torch (0 = torch's default)."),
     ) -> None:
         """Images/s and latency of the one-step generator vs the teacher (and k-step), decode included."""
-        from rich.table import Table
+        from .engine.speed import SpeedRequest, measure_speed
 
-        from .cli_sample import _set_threads
-
-        _set_threads(threads)
-
-        from .cli import _parse_weights
-        from .errors import DD2Error
-        from .evaluate import SpeedRequest, measure_speed
+        set_threads(threads)
 
         try:
             k_steps = tuple(int(s) for s in steps.split(",") if s.strip())
         except ValueError:
             raise DD2Error(f"--steps '{steps}' is not a comma list of step counts (e.g. 2,4).") from None
         sizes = tuple(dict.fromkeys((1, batch_size)))
-        req = SpeedRequest(run_dir=source, teacher=teacher, weights=_parse_weights(weights), device=device,
+        req = SpeedRequest(run_dir=source, teacher=teacher, weights=parse_weights(weights), device=device,
                            batch_sizes=sizes, k_steps=k_steps, warmup=warmup, repeats=repeats,
-                           precision=precision, compile=compile_)
-        progress = None if state.quiet else _RichEvalProgress(console)
+                           precision=precision.value, compile=compile_)
+        progress = progress_for(state.quiet, transient=True)
         rows, info = measure_speed(req, progress=progress)
         table = Table(title=f"Sampling speed: {info['teacher']} on {info.get('gpu', info['device'])} "
                             f"(median of {info['repeats']}, decode included, {info['precision']}"
@@ -193,7 +153,6 @@ def register(app: typer.Typer) -> None:
             table.add_row(r.mode, str(r.batch_size), f"{r.latency_ms:.2f}", f"{r.images_per_s:.1f}",
                           f"{r.speedup:.1f}×")
         console.print(table)
-        if not state.quiet:
-            console.print(f"Generator: {info['generator']}", highlight=False)
+        say(f"Generator: {info['generator']}")
 
-    app.add_typer(eval_app, name="eval")
+    return eval_app

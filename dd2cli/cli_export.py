@@ -1,4 +1,4 @@
-"""`dd2 export`: a thin command over `dd2cli.export` (no torch import until it runs)."""
+"""`dd2 export`: write a run's one-step generator as a self-contained bundle."""
 
 from __future__ import annotations
 
@@ -6,45 +6,41 @@ from pathlib import Path
 
 import typer
 
+from .cli_common import DType, ExportFormat, GeneratorWeights, console, handle_errors, progress_for, state
 
-def register(app: typer.Typer) -> None:
-    from .cli import console, handle_errors, state
 
-    @app.command()
-    @handle_errors
-    def export(
-        run_dir: Path = typer.Argument(..., help="A distillation run directory with a finished stage 2."),
-        out: Path = typer.Option(..., "--out", "-o", help="The bundle folder to create (must not exist or be "
-                                 "empty)."),
-        dtype: str = typer.Option("fp32", "--dtype", help="fp32, bf16 or fp16: how the generator and decoder "
-                                  "weights are stored (loading always computes in fp32)."),
-        weights: str = typer.Option("ema", "--weights", help="ema (default) or raw: which generator of the run."),
-        format_: str = typer.Option("safetensors", "--format", help="safetensors, or pt2 to also write "
-                                    "generator.pt2 (a torch.export program that runs without dd2)."),
-    ) -> None:
-        """Export a run's one-step generator as a self-contained bundle (weights, decoder, codebook, model card).
+@handle_errors
+def export(
+    run_dir: Path = typer.Argument(..., help="A distillation run directory with a finished stage 2."),
+    out: Path = typer.Option(..., "--out", "-o", help="The bundle folder to create (must not exist or be "
+                             "empty)."),
+    dtype: DType = typer.Option(DType.fp32, "--dtype", help="fp32, bf16 or fp16: how the generator and decoder "
+                              "weights are stored (loading always computes in fp32)."),
+    generator: GeneratorWeights = typer.Option(GeneratorWeights.ema, "--generator", help="Which generator of the "
+                                               "run: the EMA weights or the raw trained ones."),
+    format_: ExportFormat = typer.Option(ExportFormat.safetensors, "--format", help="safetensors, or pt2 to also write "
+                                "generator.pt2 (a torch.export program that runs without dd2)."),
+) -> None:
+    """Export a run's one-step generator as a self-contained bundle (weights, decoder, codebook, model card).
 
-        Load it with 'dd2 sample --from BUNDLE_DIR' or in Python with dd2cli.load_generator(BUNDLE_DIR).
-        """
-        from .export import ExportRequest, export as run_export, human_size
+    Load it with 'dd2 sample --from BUNDLE_DIR' or in Python with dd2cli.load_generator(BUNDLE_DIR).
+    """
+    from .engine.export import ExportRequest
+    from .engine.export import export as run_export
+    from .engine.model_card import human_size
 
-        class _Messages:
-            def message(self, text: str) -> None:
-                if not state.quiet:
-                    console.print(text, highlight=False)
-
-        result = run_export(ExportRequest(run_dir=run_dir, out=out, dtype=dtype, weights=weights, format=format_),
-                            progress=_Messages())
-        console.print(f"Bundle: {result.out} ({human_size(sum(result.files.values()))}, teacher {result.teacher}, "
-                      f"{weights} weights as {dtype})", highlight=False)
-        if not state.quiet:
-            for name, size in result.files.items():
-                console.print(f"  {name:24s} {human_size(size):>10s}", highlight=False)
-            if result.check_max_abs_diff is not None:
-                console.print(f"Check: max pixel difference to the run's images {result.check_max_abs_diff:.3g}",
-                              highlight=False)
-            if result.pt2_batch is not None:
-                batch = "any batch size" if result.pt2_batch == "dynamic" else f"batch size {result.pt2_batch} only"
-                console.print(f"generator.pt2 takes {batch}", highlight=False)
-            console.print(f"Sample it: dd2 sample --from {result.out}\nIn Python: dd2cli.load_generator(\"{result.out}\")",
+    result = run_export(ExportRequest(run_dir=run_dir, out=out, dtype=dtype.value, weights=generator.value,
+                                      format=format_.value), progress=progress_for(state.quiet))
+    console.print(f"Bundle: {result.out} ({human_size(sum(result.files.values()))}, teacher {result.teacher}, "
+                  f"{generator.value} weights as {dtype.value})", highlight=False)
+    if not state.quiet:
+        for name, size in result.files.items():
+            console.print(f"  {name:24s} {human_size(size):>10s}", highlight=False)
+        if result.check_max_abs_diff is not None:
+            console.print(f"Check: max pixel difference to the run's images {result.check_max_abs_diff:.3g}",
                           highlight=False)
+        if result.pt2_batch is not None:
+            batch = "any batch size" if result.pt2_batch == "dynamic" else f"batch size {result.pt2_batch} only"
+            console.print(f"generator.pt2 takes {batch}", highlight=False)
+        console.print(f"Sample it: dd2 sample --from {result.out}\nIn Python: dd2cli.load_generator(\"{result.out}\")",
+                      highlight=False)

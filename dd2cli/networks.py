@@ -6,6 +6,8 @@ latents) and an `MLPHead` (velocity from `(x, t, f)`).
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 from torch import Tensor, nn
 
@@ -65,6 +67,22 @@ class ARDiffusion(nn.Module):
             x = x[:, :, 0]
             z[:, pos] = codebook_Vd[nearest_codebook(x, codebook_Vd)] if snap else x
         return z
+
+
+def build_model(backbone: Backbone, latent_dim: int, width: int, depth: int, mlp_ratio: float = 2.0, *,
+                seed: int | None = None, device: str | torch.device | None = None) -> ARDiffusion:
+    """The one place a DD2 network is put together: `backbone` plus a new `MLPHead` on top of it.
+
+    Stage 1, stage 2 (generator, guidance, EMA), a run's generator loaded for sampling, a bundle's skeleton
+    and the timing subjects all come from here, so they can only differ in their weights. With `seed` the
+    head is drawn from its own generator (the same head on every rank and every resume) and the global
+    random state is left untouched.
+    """
+    with torch.random.fork_rng(devices=[]) if seed is not None else nullcontext():
+        if seed is not None:
+            torch.manual_seed(seed)
+        head = MLPHead(latent_dim, backbone.feature_dim, width, depth, mlp_ratio)
+    return ARDiffusion(backbone, head.to(device) if device is not None else head)
 
 
 class Generator(nn.Module):

@@ -9,7 +9,8 @@ Everything is fp32 unless the caller asks otherwise. `dd2cli.testing` checks the
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import overload
+from dataclasses import dataclass
+from typing import Callable, Mapping, Optional, overload
 
 import torch
 from torch import Tensor, nn
@@ -158,7 +159,7 @@ class Teacher(nn.Module, ABC):
     def bundle_parts(self, backbone: Backbone):
         """What `dd2 export` needs to rebuild `backbone` and the decoder without this teacher.
 
-        Returns a `dd2cli.export.BundleParts`: factory + JSON config of the backbone architecture,
+        Returns a `BundleParts`: factory + JSON config of the backbone architecture,
         factory + config + weights of a decoder (token ids `(B, n)` → images in `[0, 1]`, as
         `decode`), and `codebook()`. Optional: a family without it can still sample from its runs.
         """
@@ -167,6 +168,49 @@ class Teacher(nn.Module, ABC):
             f"({type(self).__name__}) does not implement bundle_parts(), so its generators cannot be "
             f"exported as bundles; sample from the run directory instead (dd2 sample --from RUN_DIR)."
         )
+
+
+# ---- what a plugin returns from `bundle_parts` (dd2 export) ----------------------------------------------
+
+def bundle_factory(fn: Callable[[dict], nn.Module]) -> Callable[[dict], nn.Module]:
+    """Mark `fn(config: dict) -> nn.Module` as a factory a bundle's config.json may name.
+
+    A bundle names its factories as text; only functions carrying this mark are ever called, so a
+    tampered config.json cannot make `load_generator` call an arbitrary function. Factories run with
+    the random initialisers of `torch.nn.init` switched off (the bundle assigns every weight), so
+    building on the CPU costs no more than an allocation; tensors the state dict does not hold
+    (non-persistent buffers) must be computed, not drawn. Building on the meta device also works.
+    """
+    fn.__dd2_bundle_factory__ = True
+    return fn
+@dataclass
+class ModuleRecipe:
+    """How to rebuild one network without the teacher: `factory(config)`, then its weights.
+
+    `factory` is `"package.module:function"` (a `@bundle_factory`), `config` plain JSON.
+    `state` holds the weights (the decoder's); the backbone's weights come from the generator.
+    """
+
+    factory: str
+    config: dict
+    state: Optional[Mapping[str, Tensor]] = None
+
+    def as_json(self) -> dict:
+        return {"factory": self.factory, "config": self.config}
+@dataclass
+class BundleParts:
+    """What `Teacher.bundle_parts(backbone)` returns.
+
+    - `backbone`: factory + config that build a module with the same state-dict keys and shapes as
+      the generator's backbone (weights not needed);
+    - `decoder`: factory + config + state of a module mapping token ids `(B, n)` int64 to images
+      `(B, 3, H, W)` fp32 in `[0, 1]`, exactly as `teacher.decode(ids)`;
+    - `codebook_Vd`: `teacher.codebook()`, the rows the generator's latents are snapped to.
+    """
+
+    backbone: ModuleRecipe
+    decoder: ModuleRecipe
+    codebook_Vd: Tensor
 
 
 def nearest_codebook(z_BNd: Tensor, codebook_Vd: Tensor, chunk: int = 8192) -> Tensor:

@@ -9,12 +9,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import Any, Callable, Mapping
 
 from .errors import MissingWeightsError
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .teacher import Teacher
 
 #: Environment variable naming the folder where official weight files are looked up.
 WEIGHTS_DIR_ENV = "DD2_WEIGHTS_DIR"
@@ -138,7 +135,7 @@ class Variant:
 
     name: str
     description: str
-    loader: Callable[["Variant", Mapping[str, Path], str], "Teacher"]
+    loader: Callable[["Variant", Mapping[str, Path], str], Any]  # returns a dd2cli.teacher.Teacher
     weights: tuple[WeightFile, ...] = ()
     image_size: int = 0
     distill_defaults: Mapping[str, Any] = field(default_factory=dict)
@@ -150,7 +147,7 @@ class Variant:
         return {w.key: w.locate(explicit, weights_dir) for w in self.weights}
 
     def load(self, weights: Mapping[str, str | os.PathLike] | None = None, device: str = "cpu",
-             weights_dir: Path | None = None) -> "Teacher":
+             weights_dir: Path | None = None) -> Any:
         """Find the weight files and build the teacher; missing files are a `MissingWeightsError`."""
         unknown = set(weights or {}) - {w.key for w in self.weights}
         if unknown:

@@ -27,12 +27,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from dd2_llamagen.gpt import GPTConfig, LlamaGenGPT
+from dd2_llamagen.teacher import PAPER_EVALUATION, PAPER_STAGE1, PAPER_TARGET, LlamaGenTeacher, scaled_settings
+from dd2_llamagen.vq import VQConfig, VQModel
 from dd2cli.digits import load_digits_dataset
 from dd2cli.files import save_safetensors, write_json
-from dd2_llamagen.gpt import GPTConfig, LlamaGenGPT
-from dd2_llamagen.teacher import (PAPER_EVALUATION, PAPER_STAGE1, PAPER_TARGET, LlamaGenTeacher,
-                                  scaled_settings)
-from dd2_llamagen.vq import VQConfig, VQModel
 
 ROOT = Path(__file__).resolve().parents[1]
 RESOLUTION = 16

@@ -26,13 +26,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from dd2cli.digits import load_digits_classifier, load_digits_dataset
-from dd2cli.files import read_json, save_safetensors, write_json
 from dd2_var import DIGITS_EVALUATION, DIGITS_STAGE1, WEIGHTS_DIR
 from dd2_var.config import VARConfig, VQVAEConfig
 from dd2_var.model import VAR
 from dd2_var.teacher import VarTeacher, build_bundled
 from dd2_var.vqvae import VQVAE
+from dd2cli.digits import load_digits_classifier, load_digits_dataset
+from dd2cli.files import read_json, save_safetensors, write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 PATCH_NUMS = (1, 2, 3, 4)

@@ -18,8 +18,10 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
-from dd2cli import distill, losses, plugins  # noqa: E402
 from synthetic import SyntheticPlugin  # noqa: E402
+
+from dd2cli import losses, plugins  # noqa: E402
+from dd2cli.engine import distill  # noqa: E402
 
 plugins.register_plugin(SyntheticPlugin(), name="synthetic")
 

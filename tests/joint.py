@@ -11,10 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-
-from dd2cli.checkpoint import final_stage1_checkpoint
-from dd2cli.networks import Generator
 from synthetic import SyntheticTeacher
+
+from dd2cli.engine.checkpoint import final_stage1_checkpoint
+from dd2cli.networks import Generator
 
 
 def _flat(tokens_BN: torch.Tensor, V: int) -> torch.Tensor:
@@ -89,9 +89,10 @@ def report(run_dir: Path, n: int = 20000) -> dict[str, float]:
     """All TVs side by side for a finished run on a synthetic teacher."""
     import copy
 
-    from dd2cli.distill import _Run, load_generator_from_run
-    from dd2cli.distributed import DistInfo
-    from dd2cli.distill import Progress
+    from dd2cli.engine.distill import _Run
+    from dd2cli.engine.distributed import DistInfo
+    from dd2cli.engine.progress import Progress
+    from dd2cli.engine.runs import load_generator_from_run
 
     ema, teacher, info = load_generator_from_run(run_dir, which="ema")
     raw, _, _ = load_generator_from_run(run_dir, which="raw")
@@ -120,10 +121,11 @@ def report(run_dir: Path, n: int = 20000) -> dict[str, float]:
 
 def generator_at(run_dir: Path, stage2_step: int, which: str = "ema"):
     """(generator, teacher) from the stage-2 checkpoint of `run_dir` at `stage2_step`."""
-    from dd2cli.checkpoint import Checkpoint
     from dd2cli.config import from_dict
-    from dd2cli.distill import Progress, _Run
-    from dd2cli.distributed import DistInfo
+    from dd2cli.engine.checkpoint import Checkpoint
+    from dd2cli.engine.distill import _Run
+    from dd2cli.engine.distributed import DistInfo
+    from dd2cli.engine.progress import Progress
     from dd2cli.files import read_json
     from dd2cli.plugins import get_variant
     from dd2cli.settings import DistillSettings

@@ -17,11 +17,9 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dd2cli import hookimpl
-from dd2cli.export import BundleParts, ModuleRecipe, bundle_factory
+from dd2cli import BundleParts, ModuleRecipe, bundle_factory, hookimpl
 from dd2cli.teacher import Backbone, Teacher
 from dd2cli.teachers import Family, SamplingSettings, TeacherSpec, Variant
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from dd2cli.accel import check_precision, maybe_compile
 from dd2cli.cli import app
+from dd2cli.engine.runtime import check_precision, maybe_compile
 from dd2cli.errors import DD2Error
 
 runner = CliRunner()
@@ -37,8 +37,7 @@ def test_compile_applies_to_a_generator_only(synthetic_plugin, tmp_path):
 
 
 def test_time_sampling_without_decode_times_tokens(synthetic_teacher):
-    from dd2cli.evaluate import time_sampling
-    from dd2cli.sample import untrained_generator
+    from dd2cli.engine.speed import time_sampling, untrained_generator
 
     decoded = []
     synthetic_teacher.decode = lambda x: decoded.append(x) or x  # noqa: E731 - a spy
@@ -53,7 +52,7 @@ def test_time_sampling_without_decode_times_tokens(synthetic_teacher):
 def test_compiled_generator_matches_eager_or_fails_clearly(synthetic_teacher):
     """torch.compile on CPU needs a working C++ toolchain: either the compiled generator gives the
     eager output, or the first call raises one DD2Error naming --compile."""
-    from dd2cli.sample import untrained_generator
+    from dd2cli.engine.speed import untrained_generator
 
     gen = untrained_generator(synthetic_teacher)
     spec = synthetic_teacher.spec

@@ -18,6 +18,7 @@ def test_version():
 
 def test_teachers_lists_fake_plugin_and_weights(tmp_path):
     from test_plugins import FakeA  # noqa: F401  (fake plugin defined there)
+
     from dd2cli import hookimpl
     from dd2cli.teachers import Family, Variant, WeightFile
 
@@ -79,9 +80,9 @@ def test_inspect_good_corrupted_and_pickled_files(tmp_path):
     import pickle
 
     import torch
+    from test_files import Evil
 
     from dd2cli.files import save_safetensors
-    from test_files import Evil
 
     good = tmp_path / "g.safetensors"
     save_safetensors(good, {"w": torch.ones(2, 3)})

@@ -82,7 +82,7 @@ def test_describe_lists_every_leaf_with_help():
 
 
 def test_stage2_cosine_decay_warms_up_then_falls_to_the_final_fraction():
-    from dd2cli.distill import _lr_at
+    from dd2cli.engine.distill import _lr_at
 
     base, warm, total = 1e-3, 10, 110
     lrs = [_lr_at(i, base, warm, decay="cosine", total=total, final=0.1) for i in range(total)]
@@ -108,25 +108,25 @@ def test_lr_final_outside_zero_one_is_refused():
 def test_auto_threads_is_one_per_idle_core(monkeypatch, cores, idle, expected):
     import os
 
-    from dd2cli import distill
+    from dd2cli.engine import runtime
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
-    monkeypatch.setattr(distill, "_idle_cores", lambda cpus: idle if cpus == set(range(cores)) else None)
-    assert distill.resolve_threads(-1) == expected
-    assert distill.resolve_threads(3) == 3 and distill.resolve_threads(0) == 0  # explicit counts pass through
+    monkeypatch.setattr(runtime, "_idle_cores", lambda cpus: idle if cpus == set(range(cores)) else None)
+    assert runtime.resolve_threads(-1) == expected
+    assert runtime.resolve_threads(3) == 3 and runtime.resolve_threads(0) == 0  # explicit counts pass through
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun's processes on this machine share the idle cores
-    assert distill.resolve_threads(-1) == max(1, int(idle / 2 + 0.5))
+    assert runtime.resolve_threads(-1) == max(1, int(idle / 2 + 0.5))
     monkeypatch.delenv("LOCAL_WORLD_SIZE")
     # without /proc/stat: the load average stands in
-    monkeypatch.setattr(distill, "_idle_cores", lambda cpus: None)
+    monkeypatch.setattr(runtime, "_idle_cores", lambda cpus: None)
     monkeypatch.setattr(os, "getloadavg", lambda: (cores - idle, 0.0, 0.0))
-    assert distill.resolve_threads(-1) == expected
+    assert runtime.resolve_threads(-1) == expected
 
 
 def test_idle_cores_reads_this_machines_cpus():
     import os
 
-    from dd2cli.distill import _idle_cores
+    from dd2cli.engine.runtime import _idle_cores
 
     cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
     idle = _idle_cores(cpus, interval=0.05)

@@ -7,13 +7,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_output import plain
 from PIL import Image
 from typer.testing import CliRunner
 
 from dd2cli import plugins
 from dd2cli.cli import app
-from dd2cli.evaluate import (feature_stats, frechet_distance, inception_score, open_images, precision_recall,
-                             write_adm_npz)
+from dd2cli.engine.adm_npz import write_adm_npz
+from dd2cli.engine.metrics import feature_stats, frechet_distance, inception_score, precision_recall
+from dd2cli.engine.sample_sets import open_images
 
 runner = CliRunner()
 
@@ -148,7 +150,7 @@ def test_greyscale_pngs_are_converted_and_alpha_is_refused(tmp_path):
 @pytest.fixture(scope="module")
 def inception_weights(tmp_path_factory):
     """A randomly initialised torch-fidelity InceptionV3 saved as a plain state dict (the code path, not the number)."""
-    from dd2cli.evaluate import inception_network
+    from dd2cli.engine.features import inception_network
 
     torch.manual_seed(0)
     net = inception_network(None)
@@ -163,7 +165,7 @@ def inception_weights(tmp_path_factory):
 
 @pytest.mark.slow
 def test_inception_metrics_end_to_end(tmp_path, inception_weights):
-    from dd2cli.evaluate import InceptionExtractor
+    from dd2cli.engine.features import InceptionExtractor
 
     samples = _write_pngs(tmp_path / "samples", _random_images(6, seed=1))
     ref = _write_pngs(tmp_path / "ref", _random_images(6, seed=2))
@@ -186,7 +188,7 @@ def test_inception_metrics_end_to_end(tmp_path, inception_weights):
     mu_s, sigma_s = feature_stats(ref_feats["spatial"])
     np.savez(tmp_path / "ref.npz", mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s)
     res = runner.invoke(app, ["eval", "fid", str(samples), "--ref", str(tmp_path / "ref.npz"), "--inception-weights",
-                              str(inception_weights), "--device", "cpu", "--json", str(tmp_path / "r.json")])
+                              str(inception_weights), "--device", "cpu", "--json-out", str(tmp_path / "r.json")])
     assert res.exit_code == 0, res.output
     (entry,) = json.loads((tmp_path / "r.json").read_text())
     assert entry["metrics"]["fid"] == pytest.approx(m["fid"], rel=1e-5)
@@ -195,12 +197,12 @@ def test_inception_metrics_end_to_end(tmp_path, inception_weights):
     assert res.exit_code != 0 and "no images (arr_0) for precision/recall" in res.output
     # the antialiased resize is another (valid) path
     res = runner.invoke(app, ["eval", "is", str(samples), "--resize", "antialias", "--inception-weights",
-                              str(inception_weights), "--device", "cpu", "--json", str(tmp_path / "aa.json")])
+                              str(inception_weights), "--device", "cpu", "--json-out", str(tmp_path / "aa.json")])
     assert res.exit_code == 0, res.output
 
 
 def test_inception_weights_are_found_in_torch_home(tmp_path, monkeypatch):
-    from dd2cli.evaluate import INCEPTION_FILENAME, locate_inception_weights
+    from dd2cli.engine.features import INCEPTION_FILENAME, locate_inception_weights
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
     target = tmp_path / "th" / "hub" / "checkpoints" / INCEPTION_FILENAME
@@ -233,7 +235,7 @@ def test_wrong_inception_file_is_named(tmp_path):
 # ---- digits ----------------------------------------------------------------------------------------
 
 def _digits_npz(path: Path, split: str, shuffle_labels: bool = False) -> Path:
-    from dd2cli.evaluate import digits_reference_images
+    from dd2cli.engine.features import digits_reference_images
 
     s = digits_reference_images(16, split)
     labels = s.labels.copy()
@@ -249,7 +251,7 @@ def test_digits_heldout_split_is_close_to_the_train_reference(tmp_path):
     write_adm_npz(noise, iter([_random_images(359, 16)]), 359, 16, 16, np.zeros(359, dtype=np.int64))
     wrong = _digits_npz(tmp_path / "wrong.npz", "heldout", shuffle_labels=True)
     res = runner.invoke(app, ["eval", "all", str(held), str(noise), str(wrong), "--features", "digits",
-                              "--json", str(tmp_path / "all.json")])
+                              "--json-out", str(tmp_path / "all.json")])
     assert res.exit_code == 0, res.output
     rows = {Path(r["samples"]).stem: r["metrics"] for r in json.loads((tmp_path / "all.json").read_text())}
     assert set(rows["heldout"]) == {"fid", "is", "is_std", "precision", "recall", "class_consistency"}
@@ -301,13 +303,13 @@ def test_bad_sample_sets_are_one_sentence(tmp_path):
         (["eval", "fid", str(tmp_path / "missing"), "--features", "digits"], "do not exist"),
         (["eval", "sfid", str(ok), "--features", "digits"], "sFID needs Inception"),
         (["eval", "class-consistency", str(ok), "--features", "digits"], "records no labels"),
-        (["eval", "fid", str(ok), "--features", "clip"], "--features must be auto, inception or digits"),
+        (["eval", "fid", str(ok), "--features", "clip"], "is not one of 'auto', 'inception', 'digits'"),
         (["eval", "fid", str(ok), "--features", "inception"], "need a reference"),
     ]
     for args, message in cases:
         res = runner.invoke(app, args)
         assert res.exit_code != 0, args
-        assert message in res.output.replace("\n", " "), (args, res.output)
+        assert message in plain(res.output), (args, res.output)
         assert "Traceback" not in res.output
 
 
@@ -319,7 +321,7 @@ def test_speed_compares_generator_teacher_and_k_step(synthetic_plugin):
     assert res.exit_code == 0, res.output
     for text in ("teacher (3 steps)", "dd2 1 step", "dd2 2 steps", "images/s", "vs teacher"):
         assert text in res.output
-    from dd2cli.evaluate import SpeedRequest, measure_speed
+    from dd2cli.engine.speed import SpeedRequest, measure_speed
 
     rows, info = measure_speed(SpeedRequest(teacher="synthetic-corr", batch_sizes=(1, 3), repeats=1, warmup=0,
                                             device="cpu"))

@@ -4,8 +4,15 @@ import pytest
 import torch
 
 from dd2cli.errors import CheckpointMismatchError, FileFormatError
-from dd2cli.files import (check_state_dict, load_foreign_checkpoint, load_safetensors, load_state_dict_strict,
-                          read_json, save_safetensors, write_json)
+from dd2cli.files import (
+    check_state_dict,
+    load_foreign_checkpoint,
+    load_safetensors,
+    load_state_dict_strict,
+    read_json,
+    save_safetensors,
+    write_json,
+)
 
 
 def test_safetensors_roundtrip_with_metadata(tmp_path):
@@ -107,8 +114,8 @@ def test_final_stage1_checkpoint_appears_with_its_mark(tmp_path, monkeypatch):
     after a kill) that sees the checkpoint folder also sees the mark, and stage 2 starts from it."""
     import os
 
-    from dd2cli import checkpoint
-    from dd2cli.checkpoint import final_stage1_checkpoint, save_checkpoint
+    from dd2cli.engine import checkpoint
+    from dd2cli.engine.checkpoint import final_stage1_checkpoint, save_checkpoint
 
     seen = []
     real_replace = os.replace

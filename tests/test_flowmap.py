@@ -1,9 +1,9 @@
 """The teacher's flow map (DD1-style coupling) used to initialise the generator."""
 
 import torch
+from joint import tv_generator
 
 from dd2cli.flowmap import flow_map_loss, teacher_flow_map
-from joint import tv_generator
 
 
 class _FlowMapSampler(torch.nn.Module):

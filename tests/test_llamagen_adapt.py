@@ -3,13 +3,13 @@
 import pytest
 import torch
 
-from dd2cli.errors import DD2Error
-from dd2cli.teachers import SamplingSettings
-from dd2cli.testing import check_sampler
 from dd2_llamagen.adapt import adapt_teacher, agreement
 from dd2_llamagen.gpt import GPTConfig, LlamaGenGPT
 from dd2_llamagen.teacher import LlamaGenTeacher
 from dd2_llamagen.vq import VQConfig, VQModel
+from dd2cli.errors import DD2Error
+from dd2cli.teachers import SamplingSettings
+from dd2cli.testing import check_sampler
 
 
 def _underfitted_teacher():

@@ -5,8 +5,7 @@ import math
 import pytest
 import torch
 
-from dd2_llamagen.gpt import (GPTConfig, KVCache, LlamaGenGPT, RMSNorm, Trunk, apply_rope, find_multiple,
-                              rope_2d_table)
+from dd2_llamagen.gpt import GPTConfig, KVCache, LlamaGenGPT, RMSNorm, Trunk, apply_rope, find_multiple, rope_2d_table
 from dd2_llamagen.vq import VQConfig, VQModel
 
 MINI = GPTConfig(dim=128, n_layer=2, n_head=2, vocab_size=64, block_size=16, num_classes=10)

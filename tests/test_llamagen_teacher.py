@@ -4,13 +4,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dd2cli.errors import DD2Error
-from dd2cli.teachers import SamplingSettings
-from dd2cli.testing import check_teacher
 from dd2_llamagen import digits_variant
 from dd2_llamagen.gpt import GPTConfig, LlamaGenGPT
 from dd2_llamagen.teacher import ContinuousInputAdapter, LlamaGenBackbone, LlamaGenTeacher, fit_input_adapter
 from dd2_llamagen.vq import VQConfig, VQModel
+from dd2cli.errors import DD2Error
+from dd2cli.teachers import SamplingSettings
+from dd2cli.testing import check_teacher
 
 
 def _mini_teacher(seed=0, vocab=64, **kw):

@@ -19,7 +19,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from joint import report
 
 DRIVER = str(Path(__file__).parent / "distill_driver.py")

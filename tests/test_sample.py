@@ -11,11 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_output import plain
 from typer.testing import CliRunner
 
 from dd2cli import plugins
 from dd2cli.cli import app
-from dd2cli.sample import LabelSchedule, _SetPrediction, index_seed
+from dd2cli.engine.labels import LabelSchedule, index_seed
+from dd2cli.engine.sample import _SetPrediction
 
 runner = CliRunner()
 TINY = ["--set", "stage1.steps=6", "--set", "stage2.steps=4", "--set", "stage1.batch_size=8",
@@ -87,7 +89,7 @@ def test_npz_is_the_adm_layout_and_matches_the_pngs(synthetic_plugin, run_dir, t
 
 
 def test_raw_and_ema_generators_are_both_available(synthetic_plugin, run_dir, tmp_path):
-    _sample("--from", run_dir, "-n", 8, "--weights", "raw", "--out", tmp_path / "raw")
+    _sample("--from", run_dir, "-n", 8, "--generator", "raw", "--out", tmp_path / "raw")
     _sample("--from", run_dir, "-n", 8, "--out", tmp_path / "ema")
     raw = json.loads((tmp_path / "raw" / "manifest.json").read_text())
     assert raw["settings"]["source"]["weights"] == "raw"
@@ -95,7 +97,7 @@ def test_raw_and_ema_generators_are_both_available(synthetic_plugin, run_dir, tm
 
 
 def test_resume_after_interruption_gives_identical_files(synthetic_plugin, run_dir, tmp_path, monkeypatch):
-    from dd2cli import sample as sample_mod
+    from dd2cli.engine import sample as sample_mod
 
     ref, out = tmp_path / "ref", tmp_path / "out"
     _sample("--from", run_dir, "-n", 10, "--batch-size", 4, "--out", ref)
@@ -195,8 +197,8 @@ def test_k_step_keeps_the_generator_prefix_and_resamples_the_last_steps(syntheti
     assert all(c[0] is not None and c[0].shape == (4, 3) and c[0].dtype == torch.long for c in calls)
     assert calls[0][2].top_k == 0 and calls[0][2].cfg == 1.5
     # the prefix is the one-step sample's nearest-codebook tokens of the same indices
-    from dd2cli.distill import load_generator_from_run
-    from dd2cli.sample import _fresh_eps
+    from dd2cli.engine.runs import load_generator_from_run
+    from dd2cli.engine.sample import _fresh_eps
 
     gen, teacher, _ = load_generator_from_run(run_dir)
     labels = LabelSchedule("uniform", 2, 0)(range(4))
@@ -277,9 +279,9 @@ def test_labels_are_a_pure_function_of_the_index():
     (["--steps", "2"], "samples in its own 3 steps"),
     (["--labels", "7"], "class 7, outside 0..1"),
     (["--labels", "a,b"], "not uniform, balanced or a comma list"),
-    (["--baseline", "marginal"], "the only baseline is set-prediction"),
-    (["--weights", "raw"], "applies to a distillation run"),
-    (["--weights", "oops"], "neither ema, raw"),
+    (["--baseline", "marginal"], "is not one of 'set-prediction'"),
+    (["--generator", "raw"], "applies to a distillation run"),
+    (["--weights", "oops"], "is not of the form KEY=PATH"),
     (["--top-p", "0"], "--top-p must be in (0, 1]"),
     (["--from", "/nonexistent/run"], "neither a distillation run"),
     (["--teacher", "nope"], "No teacher 'nope'"),
@@ -288,7 +290,7 @@ def test_bad_input_is_one_sentence(synthetic_plugin, tmp_path, args, message):
     base = [] if any(a in ("--from", "--teacher") for a in args) else ["--teacher", "synthetic-corr"]
     res = runner.invoke(app, ["sample", *base, *args, "--out", str(tmp_path / "o")])
     assert res.exit_code != 0, res.output
-    assert message in res.output.replace("\n", " "), res.output
+    assert message in plain(res.output), res.output
     assert "Traceback" not in res.output
     assert not (tmp_path / "o" / "000000.png").exists()
 
@@ -298,18 +300,9 @@ def test_steps_out_of_range_for_a_run(synthetic_plugin, run_dir, tmp_path):
     assert res.exit_code != 0 and "more than the teacher's 3 AR steps" in res.output
 
 
-@pytest.mark.skipif(importlib.util.find_spec("dd2cli.export") is not None, reason="bundles are supported")
-def test_bundle_without_export_support_is_one_sentence(tmp_path):
-    (tmp_path / "bundle").mkdir()
-    (tmp_path / "bundle" / "bundle.json").write_text("{}")
-    res = runner.invoke(app, ["sample", "--from", str(tmp_path / "bundle"), "--out", str(tmp_path / "o")])
-    assert res.exit_code != 0 and "does not support bundles yet" in res.output
-
-
 def test_bundle_source_uses_generate(tmp_path, monkeypatch):
-    """A bundle (dd2cli.export.load_bundle) is sampled through `.generate(labels, eps)`."""
-    import types
-
+    """A bundle (dd2cli.engine.bundle.load_bundle) is sampled through `.generate(labels, eps)`."""
+    from dd2cli.engine import sample as sample_mod
     from dd2cli.teachers import TeacherSpec
 
     seen = []
@@ -322,9 +315,7 @@ def test_bundle_source_uses_generate(tmp_path, monkeypatch):
             seen.append(eps_BNd.shape)
             return torch.sigmoid(eps_BNd.sum((1, 2)))[:, None, None, None].expand(-1, 3, 4, 4)
 
-    fake = types.ModuleType("dd2cli.export")
-    fake.load_bundle = lambda path, device: FakeBundle()
-    monkeypatch.setitem(sys.modules, "dd2cli.export", fake)
+    monkeypatch.setattr(sample_mod, "load_bundle", lambda path, device: FakeBundle())
     bundle = tmp_path / "bundle"
     bundle.mkdir()
     (bundle / "bundle.json").write_text(json.dumps({"teacher": "fake"}))

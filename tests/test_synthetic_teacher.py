@@ -1,11 +1,10 @@
-import itertools
 
 import pytest
 import torch
+from synthetic import SyntheticTeacher
 
 from dd2cli.teachers import SamplingSettings
 from dd2cli.testing import check_teacher
-from synthetic import SyntheticTeacher
 
 
 @pytest.mark.parametrize("steps", [(0, 1, 2), (0, 1, 1, 2, 2, 2)])

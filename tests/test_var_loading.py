@@ -7,12 +7,12 @@ import pytest
 import torch
 
 import dd2_var
-from dd2cli import plugins
-from dd2cli.errors import CheckpointMismatchError, FileFormatError, MissingWeightsError
 from dd2_var.config import VARConfig, VQVAEConfig
 from dd2_var.model import VAR
 from dd2_var.teacher import build_official, infer_depth, load_checkpoints
 from dd2_var.vqvae import VQVAE
+from dd2cli import plugins
+from dd2cli.errors import CheckpointMismatchError, FileFormatError, MissingWeightsError
 
 MINI_VAR = VARConfig(depth=2, width=128, num_heads=2, num_classes=10, vocab_size=64, z_channels=8, patch_nums=(1, 2, 4))
 MINI_VAE = VQVAEConfig(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, patch_nums=(1, 2, 4))

@@ -4,7 +4,7 @@ AdaLN), plus VAR's own sampling rules: guidance ramp, top-k/top-p, sampler distr
 import pytest
 import torch
 
-from dd2_var.config import VARConfig, VQVAEConfig, var_config, vae_config
+from dd2_var.config import VARConfig, VQVAEConfig, vae_config, var_config
 from dd2_var.model import VAR
 from dd2_var.teacher import VarBackbone, VarTeacher, filter_logits, new_teacher
 from dd2_var.vqvae import VQVAE, split_scales

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dd2cli import hookimpl
-from dd2cli.settings import CPU_DEMO_DEFAULTS
-from dd2cli.teachers import Family, Variant, WeightFile
+from dd2cli import CPU_DEMO_DEFAULTS, Family, Variant, WeightFile, hookimpl
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 HF_URL = "https://huggingface.co/FoundationVision/LlamaGen/resolve/main/"

@@ -25,10 +25,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from dd2cli.errors import DD2Error
-from dd2cli.teachers import SamplingSettings
-
-from .teacher import LlamaGenTeacher
+from dd2cli import DD2Error, SamplingSettings, Teacher
 
 #: `progress(done, total, metrics)` called after every optimisation step
 Progress = Callable[[int, int, dict], None]
@@ -41,7 +38,7 @@ class AdaptReport:
     reading the exact codebook vectors, and the same with `_noisy` suffixes for codebook vectors
     plus `noise_std` Gaussian noise (when `noise_std > 0`)."""
 
-    teacher: LlamaGenTeacher
+    teacher: Teacher
     steps: int
     fit_error: float
     before: dict[str, float]
@@ -59,7 +56,7 @@ class AdaptReport:
 
 
 @torch.no_grad()
-def sample_sequences(teacher: LlamaGenTeacher, count: int, settings: SamplingSettings,
+def sample_sequences(teacher: Teacher, count: int, settings: SamplingSettings,
                      generator: torch.Generator | None, batch: int = 256) -> tuple[Tensor, Tensor]:
     """`count` teacher samples `(ids (count, n), uniformly drawn class labels (count,))`."""
     dev = teacher.device
@@ -76,12 +73,12 @@ def _with_null(labels_B: Tensor, null_class: int, fraction: float, generator) ->
     return torch.where(drop, torch.full_like(labels_B, null_class), labels_B)
 
 
-def _log_probs(t: LlamaGenTeacher, x_BN: Tensor, labels_B: Tensor) -> Tensor:
+def _log_probs(t: Teacher, x_BN: Tensor, labels_B: Tensor) -> Tensor:
     return torch.log_softmax(t.logits(x_BN, labels_B), dim=-1)
 
 
 @torch.no_grad()
-def agreement(original: LlamaGenTeacher, adapted: LlamaGenTeacher, ids_BN: Tensor, labels_B: Tensor,
+def agreement(original: Teacher, adapted: Teacher, ids_BN: Tensor, labels_B: Tensor,
               noise_BNd: Tensor | None = None, chunk: int = 64) -> dict[str, float]:
     """Next-token agreement of `adapted` (reading codebook vectors) with `original` (reading ids).
 
@@ -116,7 +113,7 @@ def _measure(original, adapted, ids, labels, noise) -> dict[str, float]:
     return out
 
 
-def adapt_teacher(teacher: LlamaGenTeacher, steps: int = 300, batch_size: int = 32, lr: float = 1e-4,
+def adapt_teacher(teacher: Teacher, steps: int = 300, batch_size: int = 32, lr: float = 1e-4,
                   settings: SamplingSettings | None = None, generator: torch.Generator | None = None,
                   progress: Progress | None = None, *, train_model: bool = False, noise_std: float = 0.05,
                   null_fraction: float = 0.1, pool_size: int | None = None, eval_size: int = 128,
@@ -196,31 +193,3 @@ def adapt_teacher(teacher: LlamaGenTeacher, steps: int = 300, batch_size: int = 
         adapted, kept = teacher.with_continuous_input(copy.deepcopy(fitted)), "fitted"
     return AdaptReport(teacher=adapted, steps=steps, fit_error=teacher.adapter_fit_error, before=before,
                        after=after, losses=losses, seconds=time.time() - t0, kept=kept)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """`python -m dd2_llamagen.adapt --teacher llamagen-digits`: adapt and print the report."""
-    import argparse
-    import json
-
-    from . import FAMILY
-
-    ap = argparse.ArgumentParser(description="Data-free continuous input adaptation of a LlamaGen teacher.")
-    ap.add_argument("--teacher", default="llamagen-digits", choices=[v.name for v in FAMILY.variants])
-    ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--learning-rate", type=float, default=1e-4)
-    ap.add_argument("--noise-std", type=float, default=0.05)
-    ap.add_argument("--train-model", action="store_true", help="also fine-tune the GPT (a copy)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--device", default="cpu")
-    args = ap.parse_args(argv)
-    teacher = {v.name: v for v in FAMILY.variants}[args.teacher].load(device=args.device)
-    gen = torch.Generator(device=args.device).manual_seed(args.seed)
-    report = adapt_teacher(teacher, args.steps, args.batch_size, args.learning_rate, generator=gen,
-                           train_model=args.train_model, noise_std=args.noise_std)
-    print(json.dumps(report.as_dict(), indent=2))
-
-
-if __name__ == "__main__":
-    main()

@@ -24,12 +24,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dd2cli.errors import DD2Error
-from dd2cli.teacher import Backbone, Teacher
-from dd2cli.teachers import SamplingSettings, TeacherSpec
+from dd2cli import Backbone, BundleParts, DD2Error, ModuleRecipe, SamplingSettings, Teacher, TeacherSpec
 
 from .gpt import GPTConfig, LlamaGenGPT, Trunk
 from .vq import VQConfig, VQModel
+
+#: the tokenizer keys a bundle's decoder needs (the encoder, `quant_conv` and usage history stay behind)
+_DECODER_PREFIXES = ("decoder.", "post_quant_conv.", "quantize.embedding.")
+#: images per decoder pass, as `LlamaGenTeacher.decode` (bounds the memory of big tokenizers)
+DECODE_CHUNK = 32
 
 #: sampling settings of the DD2 paper for LlamaGen (method.md §4, §7) at V = 16384
 PAPER_STAGE1 = SamplingSettings(cfg=2.0, top_k=8000, top_p=1.0)
@@ -334,7 +337,7 @@ class LlamaGenTeacher(Teacher):
 
     # ---- images -----------------------------------------------------------------------------------
     @torch.no_grad()
-    def decode(self, x_BN: Tensor, chunk: int = 32) -> Tensor:
+    def decode(self, x_BN: Tensor, chunk: int = DECODE_CHUNK) -> Tensor:
         """Token ids (or latents, snapped to the nearest codebook rows) → images in [0, 1]."""
         ids_BN = self.as_tokens(x_BN)
         out = [self.vq.decode_code(ids_BN[s : s + chunk], (self.grid, self.grid)) for s in range(0, len(ids_BN), chunk)]
@@ -401,11 +404,27 @@ class LlamaGenTeacher(Teacher):
                                train_model=train_model, noise_std=noise_std)
         return report.teacher, report.as_dict()
 
-    def bundle_parts(self, backbone: LlamaGenBackbone):
-        """Configs, decoder weights and codebook for `dd2 export` (see `dd2_llamagen.export`)."""
-        from .export import bundle_parts  # dd2cli.export loads only when a bundle is made
-
-        return bundle_parts(self, backbone)
+    def bundle_parts(self, backbone: LlamaGenBackbone) -> BundleParts:
+        """Configs, decoder weights and codebook for `dd2 export`; `dd2_llamagen.export` holds the factories."""
+        if not isinstance(backbone, LlamaGenBackbone):
+            raise DD2Error(f"Teacher '{self.variant_name}' exports generators whose backbone is a LlamaGenBackbone, "
+                           f"not a {type(backbone).__name__}; export a run made with this teacher.")
+        adapter = backbone.adapter
+        if not isinstance(adapter, ContinuousInputAdapter):
+            raise DD2Error(f"The backbone reads latents through a {type(adapter).__name__}, which dd2 bundles cannot "
+                           f"rebuild; only the ContinuousInputAdapter of dd2_llamagen is supported.")
+        arch = {"gpt": backbone.trunk.cfg.as_dict(),
+                "adapter": {"latent_dim": adapter.fc1.in_features, "hidden": adapter.fc1.out_features,
+                            "dim": adapter.fc2.out_features}}
+        vq_state = self.vq.state_dict()
+        decoder_state = {f"vq.{k}": v for k, v in vq_state.items() if k.startswith(_DECODER_PREFIXES)}
+        return BundleParts(
+            backbone=ModuleRecipe("dd2_llamagen.export:build_backbone", arch),
+            decoder=ModuleRecipe("dd2_llamagen.export:build_decoder",
+                                 {"vq": self.vq.cfg.as_dict(), "grid": self.grid, "chunk": DECODE_CHUNK},
+                                 decoder_state),
+            codebook_Vd=self.codebook(),
+        )
 
 
 def _tensor_fingerprint(state: Mapping[str, Tensor]) -> str:
@@ -420,7 +439,7 @@ def _tensor_fingerprint(state: Mapping[str, Tensor]) -> str:
 
 def _materialise(module: nn.Module, state: Mapping[str, Tensor], *, variant: str, file: str) -> None:
     """Strict key/shape check, then assign the tensors into a meta-device module (no double memory)."""
-    from dd2cli.files import check_state_dict
+    from dd2cli import check_state_dict
 
     check_state_dict(module, state, variant=variant, file=file)
     state = {k: (v.float() if v.is_floating_point() and v.dtype != torch.float32 else v) for k, v in state.items()}
@@ -445,7 +464,7 @@ def load_from_checkpoints(gpt_path: str | Path, vq_path: str | Path, gpt_cfg: GP
                           vq_cfg: VQConfig | None = None, *, variant: str, device: str = "cpu",
                           fingerprint: bool = True, **teacher_kwargs) -> LlamaGenTeacher:
     """Official `.pt` files (weights under "model", or a bare FSDP state dict), loaded strictly."""
-    from dd2cli.files import fingerprint_file, load_foreign_checkpoint
+    from dd2cli import fingerprint_file, load_foreign_checkpoint
 
     gpt_state = load_foreign_checkpoint(gpt_path, what=f"{variant} GPT checkpoint")
     vq_state = load_foreign_checkpoint(vq_path, what=f"{variant} VQ tokenizer checkpoint")
@@ -474,7 +493,7 @@ def _config_from_json(meta: Mapping) -> tuple[GPTConfig, VQConfig, dict]:
 
 def load_bundled_variant(variant, weight_paths: Mapping[str, Path], device: str) -> LlamaGenTeacher:
     """`Variant.loader` for dd2-trained safetensors weights (+ the JSON config named in options)."""
-    from dd2cli.files import load_safetensors, read_json, sha256_file
+    from dd2cli import load_safetensors, read_json, sha256_file
 
     # a retrained copy passed with --weights carries its own config next to it
     config = Path(weight_paths["gpt"]).with_name(Path(variant.options["config"]).name)

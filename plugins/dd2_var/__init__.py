@@ -14,10 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Mapping
 
-from dd2cli import hookimpl
-from dd2cli.config import deep_merge
-from dd2cli.settings import CPU_DEMO_DEFAULTS
-from dd2cli.teachers import Family, SamplingSettings, Variant, WeightFile
+from dd2cli import CPU_DEMO_DEFAULTS, Family, SamplingSettings, Variant, WeightFile, deep_merge, hookimpl
 
 _HF = "https://huggingface.co/FoundationVision/var/resolve/main"
 WEIGHTS_DIR = Path(__file__).parent / "weights"

@@ -1,6 +1,6 @@
 """VAR in `dd2 export` bundles: rebuild a generator's backbone and the VQVAE decoder without the teacher.
 
-`bundle_parts(teacher, backbone)` (what `VarTeacher.bundle_parts` returns) records the transformer
+`VarTeacher.bundle_parts` records the transformer
 and tokenizer configs; `build_backbone` / `build_decoder` are the factories a bundle's config.json
 names. The engine calls them with random initialisation switched off: every tensor they hold is
 in the bundle's weights (the backbone's frozen φ convs and its masks included).
@@ -12,18 +12,12 @@ from types import SimpleNamespace
 
 from torch import Tensor, nn
 
-from dd2cli.errors import DD2Error
-from dd2cli.export import BundleParts, ModuleRecipe, bundle_factory
+from dd2cli import bundle_factory
 
 from .config import VARConfig, VQVAEConfig
 from .model import VARBody
-from .teacher import VarBackbone, VarTeacher, _FrozenPhi
+from .teacher import VarBackbone, _FrozenPhi
 from .vqvae import Decoder, MultiScaleQuantizer, split_scales
-
-#: the tokenizer keys the decoder needs (the encoder and `quant_conv` stay behind)
-_DECODER_PREFIXES = ("quantize.", "post_quant_conv.", "decoder.")
-#: training statistics of the quantizer: not needed to decode
-_UNUSED = ("quantize.ema_vocab_hit_SV",)
 
 
 class VarDecoder(nn.Module):
@@ -46,21 +40,6 @@ class VarDecoder(nn.Module):
         f_hat_BChw = self.quantize.latents_to_fhat(split_scales(h_BLd, self.patch_nums))
         img_pm1 = self.decoder(self.post_quant_conv(f_hat_BChw)).clamp(-1, 1)
         return ((img_pm1 + 1) / 2).clamp(0, 1).float()
-
-
-def bundle_parts(teacher: VarTeacher, backbone: VarBackbone) -> BundleParts:
-    """The configs, decoder weights and codebook a bundle needs for a generator built on `backbone`."""
-    if not isinstance(backbone, VarBackbone):
-        raise DD2Error(f"Teacher '{teacher.variant_name}' exports generators whose backbone is a VarBackbone, not a "
-                       f"{type(backbone).__name__}; export a run made with this teacher.")
-    vae_cfg = teacher.vae.cfg.to_dict()
-    decoder_state = {k: v for k, v in teacher.vae.state_dict().items()
-                     if k.startswith(_DECODER_PREFIXES) and k not in _UNUSED}
-    return BundleParts(
-        backbone=ModuleRecipe("dd2_var.export:build_backbone", {"var": backbone.body.cfg.to_dict(), "vae": vae_cfg}),
-        decoder=ModuleRecipe("dd2_var.export:build_decoder", {"vae": vae_cfg}, decoder_state),
-        codebook_Vd=teacher.codebook(),
-    )
 
 
 @bundle_factory

@@ -17,16 +17,33 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dd2cli.errors import CheckpointMismatchError, DD2Error, FileFormatError
-from dd2cli.files import (check_state_dict, fingerprint_file, load_foreign_checkpoint, load_safetensors,
-                          read_json, sha256_file)
-from dd2cli.teacher import Backbone, Teacher
-from dd2cli.teachers import SamplingSettings, TeacherSpec, Variant
+from dd2cli import (
+    Backbone,
+    BundleParts,
+    CheckpointMismatchError,
+    DD2Error,
+    FileFormatError,
+    ModuleRecipe,
+    SamplingSettings,
+    Teacher,
+    TeacherSpec,
+    Variant,
+    check_state_dict,
+    fingerprint_file,
+    load_foreign_checkpoint,
+    load_safetensors,
+    read_json,
+    sha256_file,
+)
 
 from .config import VARConfig, VQVAEConfig, vae_config, var_config
 from .model import VAR, VARBody
 from .vqvae import VQVAE, split_scales, var_input_from_scales
 
+#: the tokenizer keys a bundle's decoder needs (the encoder and `quant_conv` stay behind)
+_DECODER_PREFIXES = ("quantize.", "post_quant_conv.", "decoder.")
+#: training statistics of the quantizer: not needed to decode
+_UNUSED = ("quantize.ema_vocab_hit_SV",)
 #: weight files up to this size are identified by a full sha256; bigger ones by a fingerprint
 _FULL_HASH_LIMIT = 64 << 20
 
@@ -286,11 +303,19 @@ class VarTeacher(Teacher):
         return dict(self._identity_cache)
 
     # ---- export -------------------------------------------------------------------------------
-    def bundle_parts(self, backbone: VarBackbone):
-        """Configs, decoder weights and codebook for `dd2 export` (see `dd2_var.export`)."""
-        from .export import bundle_parts  # dd2cli.export loads only when a bundle is made
-
-        return bundle_parts(self, backbone)
+    def bundle_parts(self, backbone: VarBackbone) -> BundleParts:
+        """Configs, decoder weights and codebook for `dd2 export`; `dd2_var.export` holds the factories."""
+        if not isinstance(backbone, VarBackbone):
+            raise DD2Error(f"Teacher '{self.variant_name}' exports generators whose backbone is a VarBackbone, not a "
+                           f"{type(backbone).__name__}; export a run made with this teacher.")
+        vae_cfg = self.vae.cfg.to_dict()
+        decoder_state = {k: v for k, v in self.vae.state_dict().items()
+                         if k.startswith(_DECODER_PREFIXES) and k not in _UNUSED}
+        return BundleParts(
+            backbone=ModuleRecipe("dd2_var.export:build_backbone", {"var": backbone.body.cfg.to_dict(), "vae": vae_cfg}),
+            decoder=ModuleRecipe("dd2_var.export:build_decoder", {"vae": vae_cfg}, decoder_state),
+            codebook_Vd=self.codebook(),
+        )
 
 
 # ---- loading -------------------------------------------------------------------------------------

@@ -21,7 +21,6 @@ from torch import Tensor, nn
 
 from .config import VQVAEConfig
 
-
 # ---- building blocks -----------------------------------------------------------------------------
 
 def _group_norm(channels: int, groups: int) -> nn.GroupNorm:

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dd2cli import hookimpl
-from dd2cli.settings import CPU_DEMO_DEFAULTS
-from dd2cli.teachers import Family, Variant, WeightFile
+from dd2cli import CPU_DEMO_DEFAULTS, Family, Variant, WeightFile, hookimpl
 
 __version__ = "0.1.0"
 

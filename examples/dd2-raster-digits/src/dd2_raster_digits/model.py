@@ -19,11 +19,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dd2cli.errors import CheckpointMismatchError
-from dd2cli.export import BundleParts, ModuleRecipe, bundle_factory
-from dd2cli.files import load_safetensors, load_state_dict_strict, sha256_file
-from dd2cli.teacher import Backbone, Teacher
-from dd2cli.teachers import SamplingSettings, TeacherSpec, Variant
+from dd2cli import (
+    Backbone,
+    BundleParts,
+    CheckpointMismatchError,
+    ModuleRecipe,
+    SamplingSettings,
+    Teacher,
+    TeacherSpec,
+    Variant,
+    bundle_factory,
+    load_safetensors,
+    load_state_dict_strict,
+    sha256_file,
+)
 
 SIDE = 8
 NUM_TOKENS = SIDE * SIDE

@@ -1,135 +1,57 @@
-"""The DD2 training engine: stage 1 (GTS initialisation) and stage 2 (CSD), resumable.
-
-`run(request)` is what `dd2 distill` calls; everything here is usable without the CLI. The loops
-are written out top to bottom with numbered steps; the losses live in `losses.py`, the networks in
-`networks.py`, files in `checkpoint.py`.
-"""
+"""TODO docstring."""
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import datetime as _dt
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional
 
 import torch
+import torch.distributed as dist
 
-from . import __version__
-from .checkpoint import (Checkpoint, append_metrics, check_new_run_dir, final_stage1_checkpoint, latest_checkpoint,
-                         save_checkpoint, truncate_metrics)
-from .config import deep_merge, from_dict, load_settings, parse_override, to_dict
-from .distributed import (DistInfo, average_gradients, average_scalar, barrier, broadcast_module, cleanup,
-                          clip_sharded_gradients, full_optimizer_state, full_state_dict, init_from_env,
-                          load_optimizer_state, reshard, shard_model)
-from .errors import ConfigError, DD2Error
-from .files import load_safetensors, read_json, save_safetensors, write_json
-from .flowmap import flow_map_loss
-from .heads import MLPHead
-from .images import save_grid
-from .losses import TimestepSpec, csd_loss, fcs_loss, gts_loss, step_balance_weights
-from .networks import ARDiffusion, Generator, ema_update, progressive_ema_decay
-from .settings import DistillSettings
-from .teacher import Teacher
-from .teachers import SamplingSettings
+from ..config import deep_merge, from_dict, load_settings, parse_override, to_dict
+from ..errors import ConfigError, DD2Error
+from ..files import load_safetensors, read_json, save_safetensors, write_json
+from ..flowmap import flow_map_loss
+from ..images import save_grid
+from ..losses import TimestepSpec, csd_loss, fcs_loss, gts_loss, step_balance_weights
+from ..networks import ARDiffusion, Generator, build_model, ema_update, progressive_ema_decay
+from ..plugins import get_variant
+from ..settings import DistillSettings
+from ..teacher import Teacher
+from ..version import __version__
+from .checkpoint import (
+    Checkpoint,
+    append_metrics,
+    check_new_run_dir,
+    final_stage1_checkpoint,
+    latest_checkpoint,
+    save_checkpoint,
+    truncate_metrics,
+)
+from .distributed import (
+    DistInfo,
+    average_gradients,
+    average_scalar,
+    barrier,
+    broadcast_module,
+    cleanup,
+    clip_sharded_gradients,
+    full_optimizer_state,
+    full_state_dict,
+    init_from_env,
+    load_optimizer_state,
+    reshard,
+    shard_model,
+)
+from .progress import Progress
+from .runs import _new_run_dir
+from .runtime import resolve_device, resolve_threads, torch_threads
 
-RUNS_DIR_ENV = "DD2_RUNS_DIR"
-
-
-def default_runs_dir() -> Path:
-    return Path(os.environ.get(RUNS_DIR_ENV, "runs"))
-
-
-def resolve_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise DD2Error(f"Device '{name}' was requested but CUDA is not available; use --device cpu.")
-    return name
-
-
-def _idle_cores(cpus: set[int], interval: float = 0.3) -> float | None:
-    """How many of `cpus` sat idle over the next `interval` seconds (from /proc/stat), or None.
-
-    Per-CPU lines, so that a container or VM counts its own CPUs, not the host's; time stolen by
-    the hypervisor counts as busy (another tenant holds the core).
-    """
-    def snapshot() -> dict[str, tuple[int, int]]:
-        out = {}
-        with open("/proc/stat") as fh:
-            for line in fh:
-                name, *vals = line.split()
-                if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
-                    v = [int(x) for x in vals[:8]]  # user nice system idle iowait irq softirq steal
-                    out[name] = (v[3] + v[4], sum(v))
-        return out
-
-    try:
-        before = snapshot()
-        time.sleep(interval)
-        after = snapshot()
-    except (OSError, ValueError, IndexError):
-        return None
-    idle = 0.0
-    for name, (idle0, total0) in before.items():
-        idle1, total1 = after.get(name, (idle0, total0))
-        idle += (idle1 - idle0) / (total1 - total0) if total1 > total0 else 1.0
-    return idle if before else None
-
-
-def resolve_threads(threads: int) -> int:
-    """The `threads` setting as a torch thread count; 0 leaves torch's default.
-
-    -1 (auto) is one thread per core that is idle at start, measured over 0.3 s (the 1-minute load
-    average where /proc/stat is missing), shared between the processes torchrun starts on this
-    machine (they all look at the same idle cores at once), at least 1. On a CPU, the small models
-    of the digits demo run about 1.7x faster on two idle cores than on one, but much slower when a
-    thread has to wait for a core another job holds.
-    """
-    if threads >= 0:
-        return threads
-    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
-    idle = _idle_cores(cpus)
-    if idle is None:
-        try:
-            idle = len(cpus) - os.getloadavg()[0]
-        except (AttributeError, OSError):  # neither: assume the machine is ours
-            idle = len(cpus)
-    local_procs = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    return max(1, min(len(cpus), int(idle / local_procs + 0.5)))
-
-
-@contextlib.contextmanager
-def torch_threads(threads: int) -> Iterator[None]:
-    """Run the block with `threads` torch threads (0: leave the count), then restore the caller's count.
-
-    Restoring matters for in-process callers (tests, notebooks), which keep their own count.
-    """
-    before = torch.get_num_threads()
-    if threads > 0:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-# ---- progress reporting (the CLI plugs a rich display in here) -------------------------------------
-
-class Progress:
-    """No-op progress sink; `dd2cli.cli` supplies a rich live display."""
-
-    def start(self, stage: str, total: int, completed: int) -> None: ...
-    def update(self, completed: int, metrics: Mapping[str, float]) -> None: ...
-    def stop(self) -> None: ...
-    def message(self, text: str) -> None: ...
-
-
-# ---- request and result ---------------------------------------------------------------------------
 
 @dataclass
 class DistillRequest:
@@ -154,8 +76,6 @@ class DistillResult:
     generator: Optional[Any] = None  # the EMA generator (a `Generator` module) after stage 2
     threads: int = 0  # the torch thread count the run used (0: torch's default)
 
-
-# ---- the run ---------------------------------------------------------------------------------------
 
 class _Run:
     """State shared by both stages of one distillation run."""
@@ -198,7 +118,6 @@ class _Run:
         mine = self.rng_state()
         if not self.dist.enabled:
             return mine
-        import torch.distributed as dist
 
         gathered: list = [None] * self.dist.world_size
         dist.all_gather_object(gathered, {k: v.cpu() for k, v in mine.items()})
@@ -224,12 +143,9 @@ class _Run:
             torch.cuda.set_rng_state(state["cuda"])
 
     def new_model(self) -> ARDiffusion:
-        backbone = self.teacher.new_backbone().to(self.device)
         h = self.settings.head
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.settings.seed)  # the same fresh head on every rank and every resume
-            head = MLPHead(self.spec.latent_dim, backbone.feature_dim, h.width, h.depth, h.mlp_ratio)
-        model = ARDiffusion(backbone, head.to(self.device)).eval()
+        model = build_model(self.teacher.new_backbone().to(self.device), self.spec.latent_dim, h.width, h.depth,
+                            h.mlp_ratio, seed=self.settings.seed, device=self.device).eval()
         model.checkpoint_backbone = self.settings.activation_checkpointing
         return model
 
@@ -324,8 +240,6 @@ def _clip(params, max_norm: float) -> float:
     return float(norm)
 
 
-# ---- stage-1 data ----------------------------------------------------------------------------------
-
 def _token_batches(run: _Run, batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Token sequences for stage 1: fresh teacher samples, cached teacher shards, or a dataset file."""
     s1 = run.settings.stage1
@@ -387,8 +301,6 @@ def _teacher_shards(run: _Run, total: int, shard_size: int = 4096) -> tuple[torc
         labels.append(t["labels"])
     return torch.cat(tokens).to(run.device), torch.cat(labels).to(run.device)
 
-
-# ---- stage 1 ---------------------------------------------------------------------------------------
 
 def _stage1(run: _Run, ckpt: Checkpoint | None) -> ARDiffusion:
     s1 = run.settings.stage1
@@ -518,8 +430,6 @@ def _flow_init(run: _Run, ckpt: Checkpoint | None) -> None:
     run.progress.stop()
     run.checkpoint(1, offset + fi.steps, modules, {"generator": opt}, {}, final=True)
 
-
-# ---- stage 2 ---------------------------------------------------------------------------------------
 
 def _init_from(run: _Run, psi0: ARDiffusion, how: str) -> ARDiffusion:
     if how == "ar-diffusion":
@@ -666,21 +576,8 @@ class _SnappingTeacher:
         return self._t.sampling_logits(self._t.as_tokens(x_BN), labels_B, settings)
 
 
-# ---- entry point -----------------------------------------------------------------------------------
-
-def _new_run_dir(teacher: str) -> Path:
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    base = default_runs_dir() / f"{teacher}-{stamp}"
-    path, i = base, 1
-    while path.exists():
-        path = base.with_name(f"{base.name}-{i}")
-        i += 1
-    return path
-
-
 def prepare(req: DistillRequest) -> tuple[Path, dict, DistillSettings]:
     """Resolve the run directory, the teacher and the settings; write `config.json` for a new run."""
-    from .plugins import get_variant
 
     if req.stage not in ("1", "2", "all"):
         raise DD2Error(f"--stage must be 1, 2 or all, not '{req.stage}'.")
@@ -740,7 +637,6 @@ def run(req: DistillRequest, progress: Progress | None = None,
 
 def _run(req: DistillRequest, run_dir: Path, info: dict, settings: DistillSettings, threads: int,
          progress: Progress, on_ready: Callable[[Path, dict], None] | None) -> DistillResult:
-    from .plugins import get_variant
 
     device = resolve_device(settings.device)
     dist = init_from_env(device)
@@ -809,20 +705,3 @@ def _adapt(teacher: Teacher, settings: DistillSettings, run_dir: Path, dist: Dis
                      f"argmax agreement {before.get('argmax_agreement', float('nan')):.3f} → "
                      f"{after.get('argmax_agreement', float('nan')):.3f}")
     return adapted.eval().requires_grad_(False)
-
-
-def load_generator_from_run(run_dir: Path, device: str = "cpu", which: str = "ema") -> tuple[Generator, Teacher, dict]:
-    """The trained generator (EMA weights by default) and its teacher, from a run directory."""
-    from .plugins import get_variant
-
-    run_dir = Path(run_dir)
-    info = read_json(run_dir / "config.json")
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is None or ckpt.stage != 2:
-        raise DD2Error(f"Run {run_dir} has no stage-2 checkpoint yet; finish 'dd2 distill' first.")
-    settings = from_dict(DistillSettings, info["settings"])
-    teacher = get_variant(info["teacher"]).load(info.get("weights") or None, device=device).eval().requires_grad_(False)
-    r = _Run(run_dir, settings, teacher, info["teacher"], DistInfo(), device, Progress())
-    gen = Generator(r.new_model()).eval()
-    ckpt.load_module(which if which != "raw" else "generator", gen)
-    return gen.requires_grad_(False), teacher, info

@@ -1,25 +1,4 @@
-"""`dd2 sample`: draw sample sets from a distilled generator, an exported bundle or a teacher.
-
-Modes (method.md §6):
-
-- one step: `q = G(ε, label)`, nearest-codebook ids, the teacher's decoder;
-- k steps (paper Alg. 4): the one-step tokens of the first `S − (k−1)` AR steps are kept and the
-  teacher re-samples the last `k − 1` steps with its own sampler;
-- teacher: the teacher's AR sampler (`S` steps);
-- set-prediction baseline (paper App. E.5): every position drawn independently from its marginal
-  token frequency given the class, estimated from teacher samples (cached).
-
-Output folder: `000000.png`... (one per global index), `samples_NxHxWx3.npz` in the ADM layout
-(`arr_0` uint8 NHWC, labels in `arr_1`; written at the end from the PNGs), `manifest.json` (every
-setting, the source's identity, the dd2 version) and `preview.png`.
-
-Determinism: sample `i` depends only on the seed and `i`. Per-index draws (the generator's noise,
-the baseline's picks) use a generator seeded by `(seed, i)`; samplers that draw a whole batch with
-one `torch.Generator` (the teacher, k-step refinement) work on fixed blocks of `block_size` indices,
-each with a generator seeded by `(seed, block)`, so neither `--batch-size` nor the number of ranks
-changes any image. A re-run finishes the missing PNGs only; under torchrun rank `r` takes blocks
-`r, r+W, ...` and rank 0 writes the npz, the preview and the manifest after a barrier.
-"""
+"""TODO docstring."""
 
 from __future__ import annotations
 
@@ -29,82 +8,32 @@ import json
 import math
 import os
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from . import __version__
-from .errors import DD2Error
-from .files import read_json, write_json
+from ..errors import DD2Error
+from ..files import fingerprint_file, load_safetensors, read_json, save_safetensors, sha256_file, write_json
+from ..plugins import get_variant
+from ..version import __version__
+from .bundle import load_bundle
+from .distributed import barrier, cleanup, init_from_env
+from .labels import LabelSchedule, index_seed
+from .progress import Progress
+from .runs import _new_out_dir, find_latest_run, load_generator_from_run
+from .runtime import check_precision, maybe_compile, resolve_device, sampling_context
+from .sample_sets import _check_out_dir, _finalise, _find_resumable, _normalise, _Writer, chunks, png_name
 
 #: the indices one `torch.Generator` covers for block-wise samplers (teacher, k-step); part of the settings
 DEFAULT_BLOCK_SIZE = 64
-#: uniform labels are drawn in chunks of this many indices, each from its own seeded generator
-LABEL_BLOCK = 1024
-PREVIEW_COUNT = 100
+
+
 MODE_TAGS = {"one-step": "1step", "k-step": "{k}step", "teacher": "teacher", "set-prediction": "setpred"}
 
-
-def index_seed(seed: int, stream: str, index: int) -> int:
-    """A 63-bit seed for `(seed, stream, index)`: independent streams without collisions."""
-    digest = hashlib.sha256(f"dd2-sample/{seed}/{stream}/{index}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
-
-
-def png_name(index: int) -> str:
-    return f"{index:06d}.png"
-
-
-# ---- labels ---------------------------------------------------------------------------------------
-
-class LabelSchedule:
-    """`uniform` (i.i.d. uniform), `balanced` (`i mod C`: class order, interleaved) or `3,1,4` (cycled).
-
-    A pure function of the index: `schedule(indices)` never depends on `n` or on other indices.
-    """
-
-    def __init__(self, text: str, num_classes: int, seed: int) -> None:
-        self.text, self.num_classes, self.seed = text.strip().lower(), int(num_classes), int(seed)
-        self.values: Optional[list[int]] = None
-        if self.text not in ("uniform", "balanced"):
-            try:
-                self.values = [int(v) for v in self.text.split(",") if v.strip()]
-            except ValueError:
-                raise DD2Error(f"--labels '{text}' is not uniform, balanced or a comma list of class ids "
-                               f"(e.g. 1,7,3).") from None
-            if not self.values:
-                raise DD2Error("--labels is empty; use uniform, balanced or a comma list of class ids.")
-            bad = [v for v in self.values if not 0 <= v < self.num_classes]
-            if bad:
-                raise DD2Error(f"--labels has class {bad[0]}, outside 0..{self.num_classes - 1}.")
-
-    def __call__(self, indices: Iterable[int]) -> Tensor:
-        idx = torch.as_tensor(list(indices), dtype=torch.long)
-        if self.text == "balanced":
-            return idx % self.num_classes
-        if self.values is not None:
-            return torch.tensor(self.values, dtype=torch.long)[idx % len(self.values)]
-        blocks = idx.div(LABEL_BLOCK, rounding_mode="floor")
-        used = blocks.unique()  # sorted
-        draws_UL = torch.stack([
-            torch.randint(0, self.num_classes, (LABEL_BLOCK,),
-                          generator=torch.Generator().manual_seed(index_seed(self.seed, "labels", int(b))))
-            for b in used]) if len(used) else torch.empty(0, LABEL_BLOCK, dtype=torch.long)
-        return draws_UL[torch.searchsorted(used, blocks), idx % LABEL_BLOCK]
-
-
-def labels_from_manifest(manifest: Mapping[str, Any]) -> np.ndarray:
-    """The labels of a dd2 sample set, recomputed from its manifest."""
-    s = manifest["settings"]
-    return LabelSchedule(s["labels"], s["num_classes"], s["seed"])(range(int(manifest["n"]))).numpy()
-
-
-# ---- request / result / progress ------------------------------------------------------------------
 
 @dataclass
 class SampleRequest:
@@ -145,17 +74,6 @@ class SampleResult:
     images_per_s: float = 0.0
 
 
-class Progress:
-    """No-op progress sink; the CLI supplies a rich bar with images/s."""
-
-    def start(self, description: str, total: int, completed: int) -> None: ...
-    def advance(self, count: int) -> None: ...
-    def stop(self) -> None: ...
-    def message(self, text: str) -> None: ...
-
-
-# ---- sources ---------------------------------------------------------------------------------------
-
 @dataclass
 class _Source:
     kind: str  # run | bundle | teacher
@@ -178,29 +96,7 @@ class _Source:
         return self.teacher.as_tokens(self.generator(eps_BNd, labels_B))
 
 
-def find_latest_run() -> Path:
-    """The newest run under the runs folder that has a stage-2 checkpoint (by mtime of latest.json)."""
-    from .distill import default_runs_dir
-
-    best, best_t = None, -1.0
-    root = default_runs_dir()
-    for pointer in root.glob("*/latest.json"):
-        try:
-            if int(json.loads(pointer.read_text()).get("stage", 0)) != 2:
-                continue
-        except (OSError, ValueError, json.JSONDecodeError):
-            continue
-        t = pointer.stat().st_mtime
-        if t > best_t:
-            best, best_t = pointer.parent, t
-    if best is None:
-        raise DD2Error(f"No finished distillation run under {root}; run 'dd2 distill' first, or pass --from RUN_DIR "
-                       f"or --teacher NAME.")
-    return best
-
-
 def _run_identity(run_dir: Path, which: str, info: Mapping[str, Any], teacher) -> tuple[dict, str]:
-    from .files import fingerprint_file
 
     latest = read_json(run_dir / "latest.json")
     modules = run_dir / latest["path"] / "modules.safetensors"
@@ -212,15 +108,14 @@ def _run_identity(run_dir: Path, which: str, info: Mapping[str, Any], teacher) -
 
 
 def _resolve_source(req: SampleRequest, device: str, progress: Progress) -> _Source:
-    from .plugins import get_variant
 
     if req.source is not None and req.teacher is not None:
         raise DD2Error("Give either --from (a run or a bundle) or --teacher, not both.")
     if req.which not in ("ema", "raw"):
-        raise DD2Error(f"--weights '{req.which}' is not ema, raw or KEY=PATH.")
+        raise DD2Error(f"--generator '{req.which}' is not ema or raw.")
     if req.teacher is not None:
         if req.which != "ema":
-            raise DD2Error("--weights raw applies to a distillation run (--from RUN_DIR), not to a teacher.")
+            raise DD2Error("--generator raw applies to a distillation run (--from RUN_DIR), not to a teacher.")
         variant = get_variant(req.teacher)
         teacher = variant.load(dict(req.teacher_weights) or None, device=device).eval().requires_grad_(False)
         ident = {"kind": "teacher", "teacher": variant.name, "teacher_identity": teacher.identity()}
@@ -234,18 +129,7 @@ def _resolve_source(req: SampleRequest, device: str, progress: Progress) -> _Sou
         progress.message(f"Sampling from the most recent run: {path}")
     path = Path(path)
     if (path / "bundle.json").is_file():
-        import importlib
-
-        try:
-            export = importlib.import_module(f"{__package__}.export")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"{__package__}.export":
-                raise
-            raise DD2Error(f"{path} is an exported bundle, but this dd2 does not support bundles yet (dd2cli.export "
-                           f"is missing); sample from the run directory instead.") from None
-        from .files import sha256_file
-
-        bundle = export.load_bundle(path, device)
+        bundle = load_bundle(path, device)
         ident = {"kind": "bundle", "bundle": str(path.resolve()), "bundle_sha256": sha256_file(path / "bundle.json")}
         if callable(getattr(bundle, "identity", None)):
             ident.update(bundle.identity())
@@ -256,7 +140,6 @@ def _resolve_source(req: SampleRequest, device: str, progress: Progress) -> _Sou
     if not (path / "config.json").is_file():
         raise DD2Error(f"{path} is neither a distillation run (no config.json) nor an exported bundle (no "
                        f"bundle.json); check the path.")
-    from .distill import load_generator_from_run
 
     gen, teacher, info = load_generator_from_run(path, device=device, which=req.which)
     ident, describe = _run_identity(path, req.which, info, teacher)
@@ -304,12 +187,9 @@ def _sampling_settings(req: SampleRequest, spec) -> Any:
     return base.with_overrides(cfg=req.cfg, top_k=req.top_k, top_p=req.top_p, temperature=req.temperature)
 
 
-# ---- the set-prediction baseline -------------------------------------------------------------------
-
 def _baseline_tokens(src: _Source, settings, count: int, block_size: int, cache_dir: Path, device: str,
                      is_main: bool, progress: Progress) -> tuple[Tensor, Tensor, Path]:
     """`count` teacher samples (balanced labels) whose per-position frequencies define the baseline; cached."""
-    from .files import load_safetensors, save_safetensors
 
     spec = src.spec
     if count < spec.num_classes:
@@ -362,69 +242,6 @@ class _SetPrediction:
         return out
 
 
-# ---- output folder -----------------------------------------------------------------------------------
-
-def _normalise(obj: Any) -> Any:
-    return json.loads(json.dumps(obj, default=str))
-
-
-def _first_difference(a: Any, b: Any, prefix: str = "") -> Optional[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        for k in list(a) + [k for k in b if k not in a]:
-            d = _first_difference(a.get(k), b.get(k), f"{prefix}{k}.")
-            if d:
-                return d
-        return None
-    return None if a == b else f"{prefix[:-1]} is {json.dumps(a)} there but {json.dumps(b)} now"
-
-
-def _new_out_dir(parent: Path, prefix: str) -> Path:
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    base = parent / f"{prefix}-{stamp}"
-    path, i = base, 1
-    while path.exists():
-        path = base.with_name(f"{base.name}-{i}")
-        i += 1
-    return path
-
-
-def _find_resumable(parent: Path, prefix: str, settings: dict, n: int) -> Optional[Path]:
-    """Without --out: an earlier set of the same command (same settings, not more images) is continued."""
-    best, best_t = None, -1.0
-    for m in parent.glob(f"{prefix}-*/manifest.json"):
-        try:
-            old = json.loads(m.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        if old.get("settings") == settings and int(old.get("n", 0)) <= n and m.stat().st_mtime > best_t:
-            best, best_t = m.parent, m.stat().st_mtime
-    return best
-
-
-def _check_out_dir(out: Path, settings: dict, n: int) -> Optional[dict]:
-    """The existing manifest when `out` can be resumed; a DD2Error when it cannot."""
-    if not out.exists():
-        return None
-    if not out.is_dir():
-        raise DD2Error(f"{out} exists and is not a folder; choose another --out.")
-    manifest = out / "manifest.json"
-    if not manifest.is_file():
-        if any(out.iterdir()):
-            raise DD2Error(f"{out} is not empty and is not a dd2 sample set (no manifest.json); choose another --out.")
-        return None
-    old = read_json(manifest)
-    diff = _first_difference(old.get("settings", {}), settings)
-    if diff:
-        raise DD2Error(f"{out} holds samples made with other settings ({diff}); resume it with the original "
-                       f"settings or choose another --out.")
-    if int(old.get("n", 0)) > n:
-        raise DD2Error(f"{out} already holds {old['n']} samples; pass -n {old['n']} or more to resume it, or choose "
-                       f"another --out.")
-    return old
-
-
-# ---- the engine ------------------------------------------------------------------------------------
-
 def _fresh_eps(indices: Sequence[int], seed: int, shape: tuple[int, int], device: str) -> Tensor:
     """`ε_i` from a CPU generator seeded by `(seed, i)`: the same noise on every device and batch size."""
     out = torch.empty(len(indices), *shape)
@@ -434,85 +251,8 @@ def _fresh_eps(indices: Sequence[int], seed: int, shape: tuple[int, int], device
     return out.to(device)
 
 
-def _chunks(seq: Sequence[int], size: int) -> Iterable[Sequence[int]]:
-    for s in range(0, len(seq), size):
-        yield seq[s:s + size]
-
-
-def _save_png(path: Path, image_HW3: np.ndarray) -> None:
-    import io
-
-    from PIL import Image
-
-    from .files import atomic_write_bytes
-
-    buf = io.BytesIO()
-    # level 1: lossless like every level, ~4x faster to encode than PIL's default 6 for ~20 % more bytes,
-    # which is what keeps 50k images from being bound by PNG compression
-    Image.fromarray(image_HW3).save(buf, format="PNG", compress_level=1)
-    atomic_write_bytes(path, buf.getvalue())
-
-
-class _Writer:
-    """PNG encoding and atomic writes on a thread pool; one batch in flight while the next is generated."""
-
-    def __init__(self, out: Path) -> None:
-        self.out = out
-        self.pool = ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2)))
-        self.pending: list[Future] = []
-
-    def write(self, indices: Sequence[int], images_B3HW: Tensor) -> None:
-        from .images import to_uint8
-
-        arr = to_uint8(images_B3HW).numpy()
-        self.wait()
-        self.pending = [self.pool.submit(_save_png, self.out / png_name(i), arr[row]) for row, i in enumerate(indices)]
-
-    def wait(self) -> None:
-        for f in self.pending:
-            f.result()
-        self.pending = []
-
-    def close(self) -> None:
-        try:
-            self.wait()
-        finally:
-            self.pool.shutdown(wait=True)
-
-
-def _read_pngs(out: Path, indices: Sequence[int], pool: ThreadPoolExecutor) -> np.ndarray:
-    from .evaluate import _read_image
-
-    return np.stack(list(pool.map(_read_image, [out / png_name(i) for i in indices])))
-
-
-def _finalise(out: Path, n: int, labels: np.ndarray) -> tuple[Path, Path]:
-    """Rank 0: the ADM npz and the preview grid, from the PNGs on disk."""
-    from .evaluate import write_adm_npz
-    from .images import save_grid
-
-    missing = [i for i in range(n) if not (out / png_name(i)).is_file()]
-    if missing:
-        raise DD2Error(f"{len(missing)} of {n} images are missing in {out} (e.g. {png_name(missing[0])}); rerun the "
-                       f"same command to finish them.")
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 2)) as pool:
-        first = _read_pngs(out, [0], pool)
-        h, w = first.shape[1:3]
-        npz = out / f"samples_{n}x{h}x{w}x3.npz"
-        for old in out.glob("samples_*x*x*x3.npz"):
-            if old != npz:
-                old.unlink()
-        write_adm_npz(npz, (_read_pngs(out, chunk, pool) for chunk in _chunks(range(n), 256)), n, h, w, labels)
-        preview = _read_pngs(out, range(min(n, PREVIEW_COUNT)), pool)
-    grid_path = out / "preview.png"
-    save_grid(grid_path, torch.from_numpy(preview).permute(0, 3, 1, 2).float() / 255, ncol=10)
-    return npz, grid_path
-
-
 def run(req: SampleRequest, progress: Progress | None = None) -> SampleResult:
     """Sample (or finish) a sample set; see the module docstring."""
-    from .distill import resolve_device
-    from .distributed import cleanup, init_from_env
 
     progress = progress or Progress()
     if req.n <= 0:
@@ -524,7 +264,6 @@ def run(req: SampleRequest, progress: Progress | None = None) -> SampleResult:
     if req.baseline_samples <= 0:
         raise DD2Error(f"--baseline-samples must be positive, got {req.baseline_samples}.")
     device = resolve_device(req.device)
-    from .accel import check_precision
 
     check_precision(req.precision, device)  # before loading anything
     dist = init_from_env(device)
@@ -544,8 +283,6 @@ _COMPILE_NEEDS_GENERATOR = ("--compile applies to a distilled generator (--from 
 
 
 def _run(req: SampleRequest, device: str, dist, progress: Progress) -> SampleResult:
-    from .accel import maybe_compile, sampling_context
-    from .distributed import barrier
 
     if req.compile and req.teacher is not None:  # before minutes of loading a teacher
         raise DD2Error(_COMPILE_NEEDS_GENERATOR)
@@ -627,7 +364,7 @@ def _run(req: SampleRequest, device: str, dist, progress: Progress) -> SampleRes
                     writer.write(wanted, images[rows])
                     progress.advance(len(wanted))
             else:
-                for chunk in _chunks(todo, req.batch_size):
+                for chunk in chunks(todo, req.batch_size):
                     labels = schedule(chunk).to(device)
                     if mode == "one-step":
                         eps = _fresh_eps(chunk, req.seed, (spec.num_tokens, spec.latent_dim), device)
@@ -703,43 +440,3 @@ def _block_images(src: _Source, mode: str, k: int, block: list[int], schedule: L
         tokens = src.teacher.sample(labels, sampling, prefix_BN=prefix, start_step=spec.num_steps - (k - 1),
                                     generator=g)
     return torch.cat([src.teacher.decode(tokens[s:s + req.batch_size]) for s in range(0, len(block), req.batch_size)])
-
-
-# ---- speed subjects (dd2 eval speed) -----------------------------------------------------------------
-
-def build_speed_subjects(run_dir: Optional[Path], teacher_name: Optional[str], weights: Mapping[str, str],
-                         device: str) -> tuple[Any, Any, dict]:
-    """(teacher, one-step generator, info) for timing.
-
-    With `--teacher` only, the generator is an untrained one of the default architecture: its speed
-    does not depend on the weights.
-    """
-    from .plugins import get_variant
-
-    if run_dir is not None and teacher_name is not None:
-        raise DD2Error("Give either --from RUN_DIR or --teacher NAME, not both.")
-    if teacher_name is not None:
-        variant = get_variant(teacher_name)
-        teacher = variant.load(dict(weights) or None, device=device).eval().requires_grad_(False)
-        gen = untrained_generator(teacher, variant.distill_defaults)
-        return teacher, gen, {"teacher": variant.name, "generator": "untrained, default architecture (speed only)"}
-    from .distill import load_generator_from_run
-
-    run_dir = Path(run_dir) if run_dir is not None else find_latest_run()
-    if not (run_dir / "config.json").is_file():
-        raise DD2Error(f"{run_dir} is not a distillation run (no config.json); check the path.")
-    gen, teacher, info = load_generator_from_run(run_dir, device=device)
-    return teacher, gen, {"teacher": info["teacher"], "generator": f"EMA generator of {run_dir}"}
-
-
-def untrained_generator(teacher, distill_defaults: Mapping[str, Any] | None = None):
-    """A generator of the architecture `dd2 distill` would build for `teacher` (random head; for timing)."""
-    from .config import load_settings
-    from .heads import MLPHead
-    from .networks import ARDiffusion, Generator
-    from .settings import DistillSettings
-
-    h = load_settings(DistillSettings, None, (), base=dict(distill_defaults or {})).head
-    backbone = teacher.new_backbone().to(teacher.device)
-    head = MLPHead(teacher.spec.latent_dim, backbone.feature_dim, h.width, h.depth, h.mlp_ratio).to(teacher.device)
-    return Generator(ARDiffusion(backbone, head)).eval().requires_grad_(False)

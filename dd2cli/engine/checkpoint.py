@@ -24,8 +24,8 @@ from typing import Any, Mapping
 
 import torch
 
-from .errors import DD2Error, FileFormatError
-from .files import load_safetensors, read_json, save_safetensors, write_json
+from ..errors import DD2Error, FileFormatError
+from ..files import atomic_write_bytes, load_safetensors, read_json, save_safetensors, write_json
 
 CKPT_DIR = "checkpoints"
 LATEST = "latest.json"
@@ -183,8 +183,6 @@ def truncate_metrics(run_dir: Path, stage: int, step: int) -> None:
             continue  # a line cut by a kill
         if (rec.get("stage", 0), rec.get("step", 0)) <= (stage, step):
             keep.append(line)
-    from .files import atomic_write_bytes
-
     atomic_write_bytes(path, ("\n".join(keep) + ("\n" if keep else "")).encode())
 
 

@@ -13,7 +13,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from .files import read_json, write_json
+from ..files import read_json, write_json
+from .evaluate import EvalRequest, evaluate
+from .sample import SampleRequest
+from .sample import run as sample_run
 
 QUALITY_DIR = "quality"
 QUALITY_JSON = "quality.json"
@@ -31,10 +34,6 @@ class QualityRow:
 def quality_report(run_dir: Path, n: int, device: str = "auto", batch_size: int = 100,
                    on_message=None) -> list[QualityRow]:
     """Sample and score the three sources; returns the rows (also written to RUN/quality.json)."""
-    from .evaluate import EvalRequest, evaluate
-    from .sample import SampleRequest
-    from .sample import run as sample_run
-
     run_dir = Path(run_dir)
     info = read_json(run_dir / "config.json")
     teacher_name, weights = info["teacher"], info.get("weights") or {}

@@ -1,0 +1,256 @@
+"""TODO docstring."""
+
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional
+
+import torch
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+from ..errors import CheckpointMismatchError, DD2Error, FileFormatError
+from ..files import check_state_dict, load_safetensors, read_json
+from ..networks import Generator, build_model
+from ..teacher import nearest_codebook
+from ..teachers import SamplingSettings, TeacherSpec
+from ..version import __version__
+
+BUNDLE_FORMAT = "dd2-generator-bundle"
+
+
+#: the newest bundle layout this dd2 writes and reads
+BUNDLE_VERSION = 1
+
+
+MARKER, CONFIG, CARD = "bundle.json", "config.json", "README.md"
+
+
+GENERATOR, DECODER, CODEBOOK = "generator.safetensors", "decoder.safetensors", "codebook.safetensors"
+
+
+PT2, SAMPLES = "generator.pt2", "samples.png"
+
+
+REQUIRED = (CONFIG, GENERATOR, DECODER, CODEBOOK)
+
+
+class BundleError(FileFormatError):
+    """A bundle folder is missing a file, damaged, or needs code that is not installed."""
+
+
+class BundleVersionError(BundleError):
+    """A bundle written by a newer dd2 (a bundle format this version cannot read)."""
+
+
+def _resolve_factory(text: Any, what: str) -> Callable[[dict], nn.Module]:
+    module_name, _, fn_name = str(text).partition(":")
+    if not module_name or not fn_name:
+        raise BundleError(f"The bundle's {what} factory '{text}' is not of the form module:function; its "
+                          f"config.json is damaged, export the bundle again.")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        raise BundleError(f"The bundle's {what} needs the Python module '{module_name}' ('{exc.name}' is not "
+                          f"installed); install the dd2 teacher plugin that made the bundle.") from None
+    fn = getattr(module, fn_name, None)
+    if fn is None or not getattr(fn, "__dd2_bundle_factory__", False):
+        raise BundleError(f"'{text}' is not a dd2 bundle factory; the installed '{module_name.split('.')[0]}' "
+                          f"plugin is a different version from the one that made the bundle.")
+    return fn
+
+
+def _check_version(value: Any, file: Path) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise BundleError(f"{file} has no valid bundle format version ({value!r}); the file is damaged, export "
+                          f"the bundle again.")
+    if value > BUNDLE_VERSION:
+        raise BundleVersionError(f"{file} was written by a newer dd2 (bundle format version {value}; dd2 "
+                                 f"{__version__} reads up to version {BUNDLE_VERSION}); upgrade dd2 to load it.")
+
+
+def spec_from_config(config: Mapping[str, Any]) -> TeacherSpec:
+    """The teacher facts recorded in a bundle's config.json (no teacher needed)."""
+    s = config["spec"]
+    sampling = s.get("sampling", {})
+    return TeacherSpec(
+        num_tokens=int(s["num_tokens"]), vocab_size=int(s["vocab_size"]), latent_dim=int(s["latent_dim"]),
+        num_classes=int(s["num_classes"]), null_class=int(s["null_class"]), steps=tuple(int(x) for x in s["steps"]),
+        image_size=int(s["image_size"]), reads_ids=bool(s.get("reads_ids", False)),
+        **{k: SamplingSettings(**sampling[k]) for k in ("stage1", "target", "evaluation") if k in sampling},
+    )
+
+
+class _SkipInit(TorchFunctionMode):
+    """Inside: the random initialisers of `torch.nn.init` leave their tensor as it is.
+
+    The bundle assigns every weight, so drawing them first is wasted work: a module built on the CPU
+    inside this mode costs an allocation of untouched memory and nothing else. (The meta device is
+    no cheaper: its reference kernels import torch._dynamo, 2.5 s of a cold start.)
+    """
+
+    _SKIPPED = frozenset((torch.nn.init.normal_, torch.nn.init.uniform_, torch.nn.init.kaiming_uniform_,
+                          torch.nn.init.constant_))
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self._SKIPPED:
+            return args[0] if args else (kwargs or {})["tensor"]
+        return func(*args, **(kwargs or {}))
+
+
+def build_skeleton(config: Mapping[str, Any]) -> tuple[Generator, nn.Module]:
+    """Generator and decoder of a bundle config, built by the plugin's factories (weights not loaded)."""
+    with _SkipInit():
+        backbone = _resolve_factory(config["backbone"]["factory"], "backbone")(dict(config["backbone"]["config"]))
+        h = config["head"]
+        model = build_model(backbone, h["latent_dim"], h["width"], h["depth"], h["mlp_ratio"])
+        decoder = _resolve_factory(config["decoder"]["factory"], "decoder")(dict(config["decoder"]["config"]))
+    return Generator(model), decoder
+
+
+def _adopt(module: nn.Module, state: Mapping[str, Tensor], *, what: str, file: Path) -> None:
+    """Strict key/shape check (names the first mismatching key), then take the tensors as fp32."""
+    check_state_dict(module, state, variant=what, file=str(file))
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    module.load_state_dict(state, strict=True, assign=True)
+    for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+        if t.is_meta:
+            raise BundleError(f"The {what} factory left '{name}' without a value (it is on the meta device and "
+                              f"not in {file.name}); the plugin's bundle factory is broken, report it.")
+
+
+def _read_config(path: Path) -> dict:
+    if not path.is_dir():
+        raise BundleError(f"{path} is not a folder; pass the folder written by 'dd2 export'.")
+    if not (path / MARKER).is_file():
+        raise BundleError(f"{path} is not a dd2 generator bundle ({MARKER} is missing); pass a folder written by "
+                          f"'dd2 export'.")
+    marker = read_json(path / MARKER)
+    if not isinstance(marker, dict) or marker.get("format") != BUNDLE_FORMAT:
+        raise BundleError(f"{path / MARKER} does not describe a {BUNDLE_FORMAT}; pass a folder written by "
+                          f"'dd2 export'.")
+    _check_version(marker.get("version"), path / MARKER)
+    for name in REQUIRED:
+        if not (path / name).is_file():
+            raise BundleError(f"Bundle {path} is incomplete: {name} is missing; export it again with 'dd2 export'.")
+    config = read_json(path / CONFIG)
+    if not isinstance(config, dict):
+        raise BundleError(f"{path / CONFIG} is not a bundle config; export the bundle again.")
+    _check_version(config.get("format_version"), path / CONFIG)
+    missing = [k for k in ("spec", "head", "backbone", "decoder", "teacher") if k not in config]
+    if missing:
+        raise BundleError(f"{path / CONFIG} lacks the '{missing[0]}' entry; the file is damaged, export the bundle "
+                          f"again.")
+    return config
+
+
+def load_bundle(path: str | os.PathLike, device: str = "cpu") -> "BundleGenerator":
+    """Load an exported bundle as a `BundleGenerator` (fp32) on `device`; no run directory or teacher needed."""
+    path = Path(path)
+    config = _read_config(path)
+    try:
+        spec = spec_from_config(config)
+        generator, decoder = build_skeleton(config)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BundleError(f"{path / CONFIG} does not describe a generator this dd2 can build ({type(exc).__name__}: "
+                          f"{exc}); the file is damaged, export the bundle again.") from None
+    teacher = config["teacher"]
+    gen_state, _ = load_safetensors(path / GENERATOR)
+    _adopt(generator, gen_state, what=f"{teacher} generator", file=path / GENERATOR)
+    dec_state, _ = load_safetensors(path / DECODER)
+    _adopt(decoder, dec_state, what=f"{teacher} decoder", file=path / DECODER)
+    cb, _ = load_safetensors(path / CODEBOOK)
+    shape = (spec.vocab_size, spec.latent_dim)
+    if set(cb) != {"codebook"} or tuple(cb["codebook"].shape) != shape:
+        got = ", ".join(f"{k} {tuple(v.shape)}" for k, v in cb.items()) or "nothing"
+        raise CheckpointMismatchError(f"{path / CODEBOOK} holds {got}, but config.json expects codebook {shape}; "
+                                      f"the bundle's files do not belong together, export it again.")
+    return BundleGenerator(config, generator, decoder, cb["codebook"].float()).to(device)
+
+
+def load_generator(path: str | os.PathLike, device: str = "cpu") -> "BundleGenerator":
+    """`dd2cli.load_generator`: an exported bundle as an `nn.Module` (see `BundleGenerator`)."""
+    return load_bundle(path, device)
+
+
+class BundleGenerator(nn.Module):
+    """A one-step generator loaded from a bundle: `gen(labels_B, noise=None, seed=None)` → images.
+
+    Images are `(B, 3, H, W)` fp32 in `[0, 1]`; noise is `(B, num_tokens, latent_dim)` standard
+    normal. Compute is fp32 whatever dtype the bundle stores. `generate(labels_B, eps_BNd)` is the
+    interface `dd2 sample --from BUNDLE` uses; `tokens(...)` gives the token ids instead of images.
+    """
+
+    def __init__(self, config: Mapping[str, Any], generator: Generator, decoder: nn.Module,
+                 codebook_Vd: Tensor) -> None:
+        super().__init__()
+        self.config = dict(config)
+        self.spec = spec_from_config(config)
+        self.generator = generator.eval().requires_grad_(False)
+        self.decoder = decoder.eval().requires_grad_(False)
+        self.register_buffer("codebook_Vd", codebook_Vd)
+        self.teacher_name = str(config["teacher"])
+        self.teacher = None  # a bundle carries no teacher (k-step sampling needs the run directory)
+        self.num_tokens, self.latent_dim = self.spec.num_tokens, self.spec.latent_dim
+        self.num_classes, self.image_size = self.spec.num_classes, self.spec.image_size
+        self.vocab_size, self.null_class = self.spec.vocab_size, self.spec.null_class
+
+    @property
+    def device(self) -> torch.device:
+        return self.codebook_Vd.device
+
+    def identity(self) -> dict:
+        """Provenance recorded by `dd2 sample` (teacher, its weights, which generator weights, dtype)."""
+        w = self.config.get("weights", {})
+        run = self.config.get("run", {})
+        return {"teacher": self.teacher_name, "teacher_identity": self.config.get("teacher_identity"),
+                "bundle_format": self.config.get("format_version"), "weights": w.get("which"),
+                "dtype": w.get("dtype"), "checkpoint_step": run.get("checkpoint_step")}
+
+    # ---- inputs ---------------------------------------------------------------------------------
+    def _labels(self, labels_B: Any) -> Tensor:
+        labels_B = torch.as_tensor(labels_B, dtype=torch.long, device=self.device).reshape(-1)
+        if len(labels_B) and (int(labels_B.min()) < 0 or int(labels_B.max()) >= self.num_classes):
+            raise DD2Error(f"Class labels must be in 0..{self.num_classes - 1}; got "
+                           f"{int(labels_B.min())}..{int(labels_B.max())}.")
+        return labels_B
+
+    def _check_noise(self, eps_BNd: Tensor, batch: int) -> Tensor:
+        expected = (batch, self.num_tokens, self.latent_dim)
+        if tuple(eps_BNd.shape) != expected:
+            raise DD2Error(f"Noise must have shape {expected} (batch, num_tokens, latent_dim), got "
+                           f"{tuple(eps_BNd.shape)}.")
+        return eps_BNd.to(self.device, torch.float32)
+
+    def noise(self, batch: int, seed: Optional[int] = None) -> Tensor:
+        """Standard normal `(batch, n, d)` drawn on the CPU from `seed` (the same on every device)."""
+        g = torch.Generator().manual_seed(int(seed)) if seed is not None else None
+        return torch.randn(batch, self.num_tokens, self.latent_dim, generator=g).to(self.device)
+
+    # ---- generation -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def latents(self, labels_B: Any, eps_BNd: Tensor) -> Tensor:
+        """The generator's continuous tokens `q (B, n, d)`."""
+        labels_B = self._labels(labels_B)
+        return self.generator(self._check_noise(eps_BNd, len(labels_B)), labels_B).float()
+
+    @torch.no_grad()
+    def tokens(self, labels_B: Any, eps_BNd: Tensor) -> Tensor:
+        """Nearest-codebook token ids `(B, n)` of the generated latents."""
+        return nearest_codebook(self.latents(labels_B, eps_BNd), self.codebook_Vd)
+
+    @torch.no_grad()
+    def generate(self, labels_B: Any, eps_BNd: Tensor) -> Tensor:
+        """Labels `(B,)` and noise `(B, n, d)` → images `(B, 3, H, W)` fp32 in `[0, 1]`."""
+        return self.decoder(self.tokens(labels_B, eps_BNd)).float()
+
+    def forward(self, labels_B: Any, noise: Optional[Tensor] = None, seed: Optional[int] = None) -> Tensor:
+        """Images for `labels_B`, from `noise` or from a fresh draw seeded by `seed` (the whole batch)."""
+        labels_B = self._labels(labels_B)
+        if noise is None:
+            noise = self.noise(len(labels_B), seed)
+        elif seed is not None:
+            raise DD2Error("Pass either noise or seed, not both.")
+        return self.generate(labels_B, noise)

@@ -1,0 +1,116 @@
+"""TODO docstring."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..errors import DD2Error
+
+
+def feature_stats(features_ND: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`(μ (D,), Σ (D, D))` in float64: the mean and `np.cov(rowvar=False)`."""
+    x = np.asarray(features_ND, dtype=np.float64)
+    if x.ndim != 2 or x.shape[0] < 2:
+        raise DD2Error(f"A Fréchet distance needs at least 2 images per set; got {x.shape[0] if x.ndim else 0}.")
+    return x.mean(axis=0), np.cov(x, rowvar=False)
+
+
+def _trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
+    """`tr(sqrtm(Σ1 Σ2))` without a general matrix square root.
+
+    `Σ1 Σ2` is similar to the symmetric PSD matrix `Σ1^½ Σ2 Σ1^½`, so both have the same
+    eigenvalues and `tr sqrtm(Σ1Σ2) = Σ_i sqrt(λ_i)`. Tiny negative eigenvalues are rounding noise:
+    the imaginary parts they would give `sqrtm` are what ADM drops, so they are clamped to 0.
+    """
+    w1, v1 = np.linalg.eigh((sigma1 + sigma1.T) / 2)
+    root1 = (v1 * np.sqrt(np.clip(w1, 0, None))) @ v1.T
+    m = root1 @ sigma2 @ root1
+    lam = np.linalg.eigvalsh((m + m.T) / 2)
+    return float(np.sqrt(np.clip(lam, 0, None)).sum())
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
+                     eps: float = 1e-6) -> float:
+    """`‖μ1−μ2‖² + tr(Σ1) + tr(Σ2) − 2·tr(sqrtm(Σ1Σ2))` in float64 (ADM; retry with `eps·I` if needed)."""
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+        raise DD2Error(f"The two feature sets have different dimensions ({mu1.shape[0]} vs {mu2.shape[0]}); "
+                       f"compute both with the same network (--features).")
+    diff = mu1 - mu2
+    try:
+        tr_covmean = _trace_sqrt_product(sigma1, sigma2)
+    except np.linalg.LinAlgError:
+        tr_covmean = math.nan
+    if not math.isfinite(tr_covmean):
+        offset = np.eye(sigma1.shape[0]) * eps
+        try:
+            tr_covmean = _trace_sqrt_product(sigma1 + offset, sigma2 + offset)
+        except np.linalg.LinAlgError:
+            tr_covmean = math.nan
+    value = float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
+    if not math.isfinite(value):
+        raise DD2Error("The Fréchet distance is not finite: the features contain NaN or inf values; check the "
+                       "images (and the network weights).")
+    return value
+
+
+def inception_score(logits_NK: np.ndarray, splits: int = 10) -> tuple[float, float]:
+    """Mean and std over `splits` contiguous splits of `exp(E_x KL(p(y|x) ‖ p(y)))` (float64)."""
+    x = np.asarray(logits_NK, np.float64)
+    x = x - x.max(axis=1, keepdims=True)
+    log_p = x - np.log(np.exp(x).sum(axis=1, keepdims=True))
+    p = np.exp(log_p)
+    scores = []
+    for part in np.array_split(np.arange(len(p)), max(1, min(splits, len(p)))):
+        p_part, log_part = p[part], log_p[part]
+        log_py = np.log(p_part.mean(axis=0) + 1e-300)
+        kl = (p_part * (log_part - log_py[None])).sum(axis=1).mean()
+        scores.append(math.exp(kl))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+def _sq_dists(a_BD: Tensor, b_MD: Tensor) -> Tensor:
+    """Squared Euclidean distances `(B, M)`, as ADM's `‖a‖² − 2ab + ‖b‖²` clamped at 0."""
+    d = (a_BD * a_BD).sum(1, keepdim=True) - 2 * a_BD @ b_MD.T + (b_MD * b_MD).sum(1)[None]
+    return d.clamp_min_(0)
+
+
+def manifold_radii(features_ND: Tensor, k: int = 3, batch: int = 1024) -> Tensor:
+    """Squared distance of every point to its k-th nearest neighbour, itself excluded."""
+    n = features_ND.shape[0]
+    if n <= k:
+        raise DD2Error(f"Precision/recall with k={k} needs more than {k} images per set; got {n}.")
+    out = torch.empty(n, dtype=features_ND.dtype, device=features_ND.device)
+    for s in range(0, n, batch):
+        d = _sq_dists(features_ND[s:s + batch], features_ND)
+        rows = torch.arange(d.shape[0], device=d.device)
+        d[rows, rows + s] = -1.0  # self: always the smallest, so the (k+1)-th smallest is the k-th other
+        out[s:s + batch] = d.topk(k + 1, dim=1, largest=False).values[:, k]
+    return out
+
+
+def _fraction_inside(points_BD: Tensor, centres_MD: Tensor, radii_M: Tensor, batch: int) -> float:
+    inside = 0
+    for s in range(0, points_BD.shape[0], batch):
+        d = _sq_dists(points_BD[s:s + batch], centres_MD)
+        inside += int((d <= radii_M[None]).any(dim=1).sum())
+    return inside / points_BD.shape[0]
+
+
+def precision_recall(ref_ND, samples_MD, k: int = 3, batch: int = 1024, device: str = "cpu",
+                     dtype: torch.dtype = torch.float32) -> tuple[float, float]:
+    """Improved precision / recall (Kynkäänniemi et al. 2019) with k-NN radii, computed in batches.
+
+    precision: fraction of samples inside the union of reference balls (radius = distance of each
+    reference point to its k-th nearest reference neighbour); recall: the same with the roles swapped.
+    """
+    ref = torch.as_tensor(np.asarray(ref_ND), device=device).to(dtype)
+    smp = torch.as_tensor(np.asarray(samples_MD), device=device).to(dtype)
+    radii_ref = manifold_radii(ref, k, batch)
+    radii_smp = manifold_radii(smp, k, batch)
+    return _fraction_inside(smp, ref, radii_ref, batch), _fraction_inside(ref, smp, radii_smp, batch)
