@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from .errors import DD2Error
+from .errors import DD2Error, Interrupted
 
 console = Console()
 err_console = Console(stderr=True)
@@ -43,6 +43,9 @@ def handle_errors(fn: Callable) -> Callable:
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
+        except Interrupted as exc:  # not an error: the user asked for it
+            err_console.print(str(exc), highlight=False, markup=False, soft_wrap=True)
+            raise typer.Exit(code=exc.exit_code) from None
         except DD2Error as exc:
             err_console.print(f"[bold red]Error:[/bold red] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(code=exc.exit_code) from None

@@ -35,3 +35,9 @@ class UnknownTeacherError(DD2Error):
 
 class MissingWeightsError(DD2Error):
     """A teacher variant needs weight files that were not found."""
+
+
+class Interrupted(DD2Error):
+    """The user stopped a long command (Ctrl-C); the message says where and how to continue."""
+
+    exit_code = 130  # 128 + SIGINT, as shells report an interrupted program

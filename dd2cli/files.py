@@ -86,11 +86,16 @@ def _tensor_digest(tensors: Mapping[str, "torch.Tensor"]) -> str:
 
 def save_safetensors(path: str | os.PathLike, tensors: Mapping[str, "torch.Tensor"],
                      metadata: Mapping[str, str] | None = None) -> None:
-    """Atomically write `tensors` (contiguous CPU copies) with string `metadata` and a content hash."""
+    """Atomically write `tensors` (contiguous CPU copies) with string `metadata` and a content hash.
+
+    The header's `format` is `"pt"`, what the ecosystem's loaders (transformers, diffusers, timm) expect of
+    PyTorch tensors; a caller's own `format` is kept beside it as `dd2_format`.
+    """
     from safetensors.torch import save
 
     prepared = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+    meta = {("dd2_format" if str(k) == "format" else str(k)): str(v) for k, v in (metadata or {}).items()}
+    meta["format"] = "pt"
     meta[_HASH_KEY] = _tensor_digest(prepared)
     atomic_write_bytes(path, save(prepared, metadata=meta))
 

@@ -1,4 +1,4 @@
-"""Rectified flow and the closed-form teacher score (method.md §2).
+"""Rectified flow and the closed-form teacher score (docs/method.md §2).
 
 `x_t = (1−t)·x_0 + t·ε`, `t ∈ [0, 1]`, `t = 0` data, `t = 1` noise. When `x_0 ~ Σ_j p_j δ(c_j)`:
 

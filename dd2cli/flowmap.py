@@ -10,7 +10,7 @@ DD1 (Distilled Decoding 1) distils into a one-step model.
 
 dd2 uses it to initialise the one-step generator before conditional score distillation: a few hundred
 regression updates `‖G_θ(ε) − c(ε)‖²` put the generator near the teacher's joint, correlations
-included, which CSD alone reaches only slowly (README, "Proposition 1"). The map costs one teacher
+included, which CSD alone reaches only slowly (docs/experiments/proposition1.md). The map costs one teacher
 pass per AR step (teacher-forced on the prefix; no KV cache), so it suits teachers with few AR steps;
 on LlamaGen-L (256 steps) it is expensive and off by default.
 """

@@ -1,4 +1,4 @@
-"""The light MLP head of DD2 (method.md §3; MAR-style residual MLP blocks with AdaLN).
+"""The light MLP head of DD2 (docs/method.md §3; MAR-style residual MLP blocks with AdaLN).
 
 `MLPHead(x, t, f) -> v`: `x (M, d)` a noisy latent, `t (M,)` its time, `f (M, C)` the backbone's
 causal feature of that position; returns the velocity `(M, d)`. The conditioning `c = proj(f) +

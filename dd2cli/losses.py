@@ -1,4 +1,4 @@
-"""The three DD2 losses (method.md §4–§5), each readable top to bottom.
+"""The three DD2 losses (docs/method.md §4–§5), each readable top to bottom.
 
 - `gts_loss`: stage 1, AR-diffusion tuning against the closed-form teacher velocity.
 - `fcs_loss`: stage 2, guidance update (the generator's conditional score by flow matching).

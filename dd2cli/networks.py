@@ -1,4 +1,4 @@
-"""The three trainable networks of DD2 (method.md §3): AR-diffusion model, guidance, generator.
+"""The three trainable networks of DD2 (docs/method.md §3): AR-diffusion model, guidance, generator.
 
 All share one architecture: the teacher's backbone (causal features `f_BNC` from per-position
 latents) and an `MLPHead` (velocity from `(x, t, f)`).
@@ -113,5 +113,5 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
 
 
 def progressive_ema_decay(it: int, max_decay: float = 0.9999) -> float:
-    """`min(max_decay, (it+1)/(it+10))` (method.md §5)."""
+    """`min(max_decay, (it+1)/(it+10))` (docs/method.md §5)."""
     return min(max_decay, (it + 1) / (it + 10))

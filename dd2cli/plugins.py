@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import types
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -123,8 +124,11 @@ class TeacherRegistry:
     def __init__(self) -> None:
         self.families: dict[str, Family] = {}
         self.variants: dict[str, Variant] = {}
+        #: family -> the top-level Python package of the plugin that registered it (bundles may only name
+        #: factories inside it)
+        self.packages: dict[str, str] = {}
 
-    def add(self, family: Family, plugin: str) -> None:
+    def add(self, family: Family, plugin: str, package: str = "") -> None:
         if not isinstance(family, Family):
             raise PluginError(
                 f"Plugin '{plugin}' registered {type(family).__name__}, not a dd2cli.teachers.Family."
@@ -145,6 +149,7 @@ class TeacherRegistry:
                 )
         family = replace(family, variants=variants, plugin=plugin)
         self.families[family.name] = family
+        self.packages[family.name] = package
         for v in variants:
             self.variants[v.name] = v
 
@@ -169,9 +174,23 @@ def registry() -> TeacherRegistry:
             families: list[Family] = []
             impl.function(register=families.append)
             for fam in families:
-                reg.add(fam, impl.plugin_name)
+                reg.add(fam, impl.plugin_name, _package_of(impl.plugin))
         _registry = reg
     return _registry
+
+
+def _package_of(plugin: Any) -> str:
+    """The top-level package a plugin object comes from (a module, or an instance of a class)."""
+    module = plugin.__name__ if isinstance(plugin, types.ModuleType) else type(plugin).__module__
+    return module.split(".")[0]
+
+
+def distribution_of(family: str) -> str | None:
+    """The installed distribution (pip package) whose plugin registered `family`, if known."""
+    fam = registry().families.get(family)
+    if fam is None:
+        return None
+    return next((p.distribution for p in list_plugins() if p.name == fam.plugin), None)
 
 
 def get_variant(name: str) -> Variant:

@@ -1,4 +1,4 @@
-"""Settings of `dd2 distill` (method.md §4–§5). Every choice the paper leaves open is here, documented.
+"""Settings of `dd2 distill` (docs/method.md §4–§5). Every choice the paper leaves open is here, documented.
 
 Defaults are sized for the bundled digits teachers on a CPU; teacher plugins override them per
 variant (`Variant.distill_defaults`, the paper's values for VAR and LlamaGen), then a TOML file
@@ -200,17 +200,12 @@ class DistillSettings:
                                   f"got {value}.")
 
 
-#: Defaults for the bundled CPU demo teachers (`var-digits`, `llamagen-digits`), applied by their plugins.
-#: Smaller head and fewer noise draws (the head dominates the cost at this size). Stage 2: no per-position
-#: weighting and several noise draws per position converged best on the synthetic exact-joint teacher (README,
-#: "Proposition 1"); t_min 0.4 beat 0.05 there and in 600-update A/Bs on both digits teachers (digits-FID,
-#: 1,000 samples, at 600 updates: var 145.4 vs 154.4, llamagen 164.2 vs 201.4). On var-digits, 300-update runs
-#: from one stage-1 result gave digits-FID (1,000 samples) 314 with K=2, 243 with K=4 and guidance lr 1e-3,
-#: 204 adding `balance_steps`; a faster generator (lr 1e-3: 360) or a slower one (1e-4: 266) and snapping the
-#: teacher's prefix (301) did worse.
+#: Defaults for the bundled CPU demo teachers (`var-digits`, `llamagen-digits`), plain data a plugin applies
+#: with `deep_merge`. A smaller head and fewer noise draws (the head dominates the cost at this size); stage 2
+#: without per-position weighting, several draws per position, step balancing and t_min 0.4, which converged
+#: best on the exact-joint test teachers and on both digits teachers (docs/experiments/digits.md).
 CPU_DEMO_DEFAULTS: dict = {
-    # Small models slow down badly when a torch thread waits for a core another job holds, and speed up by ~1.7x
-    # on 2 idle cores (var-digits stage 2: 1.2 s vs 2.0 s per update): so one thread per idle core.
+    # small models slow down badly when a torch thread waits for a core another job holds: one per idle core
     "threads": -1,
     "head": {"width": 128, "depth": 2},
     "stage1": {"steps": 600, "batch_size": 64, "lr": 1e-3, "noise_draws": 2, "warmup_steps": 20},

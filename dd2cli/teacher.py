@@ -1,4 +1,4 @@
-"""The teacher contract: what the engine may ask of any AR image model (design.md).
+"""The teacher contract: what the engine may ask of any AR image model (docs/architecture.md).
 
 A family plugin subclasses `Teacher` (and returns a `Backbone` from `new_backbone`). Inputs named
 `x_BN` accept either token ids (`LongTensor (B, n)`) or continuous latents (`FloatTensor (B, n, d)`)
@@ -19,7 +19,7 @@ from .teachers import SamplingSettings, TeacherSpec
 
 
 class Backbone(nn.Module, ABC):
-    """The teacher's transformer without its classification head (method.md §3).
+    """The teacher's transformer without its classification head (docs/method.md §3).
 
     `forward(z_BNd, labels_B) -> f_BNC`: causal features where `f_i` depends only on the label and
     on `z` at positions of AR steps `< step(i)`. `z` are continuous per-position latents (codebook
@@ -127,7 +127,7 @@ class Teacher(nn.Module, ABC):
     # ---- trainable copy -------------------------------------------------------------------------
     @abstractmethod
     def new_backbone(self) -> Backbone:
-        """A trainable copy of the transformer without its head (method.md §3)."""
+        """A trainable copy of the transformer without its head (docs/method.md §3)."""
 
     # ---- conveniences -------------------------------------------------------------------------
     @property

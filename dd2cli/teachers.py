@@ -13,6 +13,9 @@ from typing import Any, Callable, Mapping
 
 from .errors import MissingWeightsError
 
+#: The feature spaces dd2 evaluates samples in (see `Variant.features`).
+FEATURE_SPACES = ("inception", "digits")
+
 #: Environment variable naming the folder where official weight files are looked up.
 WEIGHTS_DIR_ENV = "DD2_WEIGHTS_DIR"
 
@@ -57,7 +60,7 @@ class SamplingSettings:
 
 @dataclass(frozen=True)
 class TeacherSpec:
-    """Static facts about a teacher (method.md §1).
+    """Static facts about a teacher (docs/method.md §1).
 
     `steps[i]` is the AR step of position `i` (non-decreasing, starting at 0). Positions of the
     same step are sampled in parallel given all earlier steps.
@@ -140,7 +143,19 @@ class Variant:
     image_size: int = 0
     distill_defaults: Mapping[str, Any] = field(default_factory=dict)
     options: Mapping[str, Any] = field(default_factory=dict)  # free-form, for the family's loader
+    #: the feature space `dd2 eval --features auto` scores this teacher's samples in: "inception" (natural
+    #: images, the ADM protocol) or "digits" (the bundled 16-px digits classifier)
+    features: str = "inception"
+    #: for model cards of exported bundles: the teacher's model-hub id (e.g. "FoundationVision/var") and the
+    #: licence of its weights (an SPDX-style id such as "mit"; "" when unknown)
+    base_model: str = ""
+    license: str = ""
     family: str = ""  # filled in by the registry
+
+    def __post_init__(self) -> None:
+        if self.features not in FEATURE_SPACES:
+            raise ValueError(f"Variant '{self.name}': features must be one of {', '.join(FEATURE_SPACES)}, "
+                             f"not '{self.features}'.")
 
     def locate_weights(self, explicit: Mapping[str, str | os.PathLike] | None = None,
                        weights_dir: Path | None = None) -> dict[str, Path | None]:

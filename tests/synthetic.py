@@ -104,7 +104,8 @@ class SyntheticTeacher(Teacher):
             torch.manual_seed(seed)  # the backbone "weights" are part of the teacher: same in every process
             self._backbone_template = SyntheticBackbone(n, d, num_classes, tuple(steps), backbone_width,
                                                         backbone_depth)
-        self.register_buffer("pixel_proj", torch.randn(n * d, 3 * image_size * image_size, generator=g) / math.sqrt(n * d))
+        self.register_buffer("pixel_proj",
+                             torch.randn(n * d, 3 * image_size * image_size, generator=g) / math.sqrt(n * d))
 
     # ---- contract ----
     def codebook(self) -> Tensor:

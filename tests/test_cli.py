@@ -52,7 +52,8 @@ def test_plugins_json(synthetic_plugin):
 
 def test_real_cli_entry_point_lists_first_party_teachers():
     env = {k: v for k, v in os.environ.items() if k != "DD2_LOAD_PLUGINS"}
-    proc = subprocess.run([sys.executable, "-m", "dd2cli", "plugins", "--json"], capture_output=True, text=True, env=env)
+    proc = subprocess.run([sys.executable, "-m", "dd2cli", "plugins", "--json"], capture_output=True, text=True,
+                          env=env)
     assert proc.returncode == 0, proc.stderr
     names = {p["name"] for p in json.loads(proc.stdout)}
     assert {"var", "llamagen"} <= names

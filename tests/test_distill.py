@@ -202,12 +202,46 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     assert steps == sorted(set(steps)), "metrics were duplicated by the resume"
 
 
+def test_ctrl_c_prints_one_line_exits_130_and_resume_continues(tmp_path):
+    env = _env()
+    run_dir = tmp_path / "run"
+    args = ["distill", "--teacher", "synthetic-corr", "--device", "cpu", "--set", "stage1.steps=100000",
+            "--set", "stage1.batch_size=4", "--set", "head.width=16", "--set", "head.depth=1",
+            "--set", "run.checkpoint_every=2", "--set", "stage1.head_only_steps=0"]
+    p = subprocess.Popen([sys.executable, DRIVER, "--quiet", *args, "--out", str(run_dir)], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (run_dir / "latest.json").exists():
+        time.sleep(0.05)
+    assert (run_dir / "latest.json").exists(), "no checkpoint was written"
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    last = json.loads((run_dir / "latest.json").read_text())
+    assert lines[0].startswith("Interrupted at stage 1 (GTS) step ")
+    assert f"the last complete checkpoint is stage 1 step {last['step']}" in lines[0]
+    assert f"resume with `dd2 distill --resume {run_dir}`" in lines[0]
+    # the last checkpoint is intact: the run continues from it (here with stage 1 shortened to end soon)
+    steps = last["step"] + 2
+    proc = _run_driver(["--quiet", "distill", "--resume", str(run_dir), "--set", f"stage1.steps={steps}",
+                        "--set", "stage2.steps=2", "--set", "stage2.batch_size=4", "--set", "flow_init.steps=0"],
+                       env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((run_dir / "latest.json").read_text()) == {"stage": 2, "step": 2,
+                                                                   "path": "checkpoints/stage2-0000002"}
+    stage1 = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+              if json.loads(line)["stage"] == 1]
+    assert stage1[-1] == steps and stage1 == sorted(set(stage1))
+
+
 @pytest.mark.slow
 def test_two_process_gloo_replicas_stay_identical_and_batch_is_split(tmp_path):
     env = _env()
     env["DD2_TEST_RECORD"] = str(tmp_path)
-    args = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517", DRIVER, "--quiet", "distill",
-            "--teacher", "synthetic-corr", "--out", str(tmp_path / "run"), "--device", "cpu",
+    args = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517", DRIVER,
+            "--quiet", "distill", "--teacher", "synthetic-corr", "--out", str(tmp_path / "run"), "--device", "cpu",
             "--set", "stage1.steps=4", "--set", "stage2.steps=3", "--set", "stage1.batch_size=8",
             "--set", "stage2.batch_size=8", "--set", "head.width=32", "--set", "run.sample_every=0"]
     proc = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=600)
@@ -299,7 +333,8 @@ def test_flow_init_ends_stage1_seeds_the_generator_and_resumes_exactly(synthetic
     starts from it. Stopped after 2 of its 4 updates and resumed, it ends bit for bit where a straight run does."""
     from dd2cli.engine.checkpoint import final_stage1_checkpoint
 
-    flow = ["--set", "flow_init.batch_size=8", "--set", "flow_init.euler_steps=4", "--set", "flow_init.warmup_steps=2", "--set", "run.keep_checkpoints=0"]
+    flow = ["--set", "flow_init.batch_size=8", "--set", "flow_init.euler_steps=4", "--set", "flow_init.warmup_steps=2",
+            "--set", "run.keep_checkpoints=0"]
     a = tmp_path / "a"
     res = runner.invoke(app, ["distill", "--teacher", "synthetic-corr", "--out", str(a), *TINY, *flow,
                               "--set", "flow_init.steps=4", "--stage", "1"])

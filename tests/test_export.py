@@ -74,6 +74,11 @@ def _run_images(run_dir: Path, family: str, labels_B, eps_BNd, which: str = "ema
         return teacher.decode(teacher.as_tokens(gen(eps_BNd, labels_B))).float()
 
 
+def _installed_plugins_env() -> dict[str, str]:
+    """The environment of a child process that loads every installed plugin (the tests load none by default)."""
+    return {k: v for k, v in os.environ.items() if k != "DD2_LOAD_PLUGINS"}
+
+
 def _pngs(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.glob("[0-9]*.png"))}
 
@@ -113,7 +118,7 @@ def _round_trip(family: str, run_dir: Path, tmp_path: Path, pt2: bool = True, n_
                               "safetensors"])
     assert res.exit_code == 0, res.output
     assert "Bundle:" in res.output
-    plugins.reset()  # loading a bundle needs no registered teacher
+    # loading a bundle needs the family's plugin (registered above), never the teacher's weights
 
     # 3. Python API
     t0 = time.perf_counter()
@@ -187,9 +192,12 @@ def test_export_refuses_bad_requests_and_leaves_nothing(synthetic_run, tmp_path,
     (busy / "keep.txt").write_text("x")
     cases = [
         (["export", str(synthetic_run), "--out", str(busy)], "already exists and is not empty"),
-        (["export", str(synthetic_run), "--out", str(tmp_path / "a"), "--dtype", "fp8"], "is not one of 'fp32', 'bf16', 'fp16'"),
-        (["export", str(synthetic_run), "--out", str(tmp_path / "a"), "--generator", "best"], "is not one of 'ema', 'raw'"),
-        (["export", str(synthetic_run), "--out", str(tmp_path / "a"), "--format", "onnx"], "is not one of 'safetensors', 'pt2'"),
+        (["export", str(synthetic_run), "--out", str(tmp_path / "a"), "--dtype", "fp8"],
+         "is not one of 'fp32', 'bf16', 'fp16'"),
+        (["export", str(synthetic_run), "--out", str(tmp_path / "a"), "--generator", "best"],
+         "is not one of 'ema', 'raw'"),
+        (["export", str(synthetic_run), "--out", str(tmp_path / "a"), "--format", "onnx"],
+         "is not one of 'safetensors', 'pt2'"),
         (["export", str(tmp_path / "nope"), "--out", str(tmp_path / "a")], "is not a distillation run"),
     ]
     for args, message in cases:
@@ -235,7 +243,6 @@ def test_raw_weights_and_half_precision(synthetic_run, tmp_path):
     _register("synthetic")
     export(ExportRequest(run_dir=synthetic_run, out=tmp_path / "raw", weights="raw"))
     export(ExportRequest(run_dir=synthetic_run, out=tmp_path / "fp32"))
-    plugins.reset()
     raw, ema = load_bundle(tmp_path / "raw"), load_bundle(tmp_path / "fp32")
     labels_B, eps_BNd = _inputs(raw.spec)
     expected = _run_images(synthetic_run, "synthetic", labels_B, eps_BNd, which="raw")
@@ -246,7 +253,6 @@ def test_raw_weights_and_half_precision(synthetic_run, tmp_path):
     for dtype, torch_dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
         _register("synthetic")
         res = export(ExportRequest(run_dir=synthetic_run, out=tmp_path / dtype, dtype=dtype))
-        plugins.reset()
         tensors, _ = load_safetensors(tmp_path / dtype / "generator.safetensors")
         assert {t.dtype for t in tensors.values() if t.is_floating_point()} == {torch_dtype}
         assert (tmp_path / dtype / "generator.safetensors").stat().st_size < 0.6 * size32
@@ -278,15 +284,22 @@ def test_model_card_describes_the_bundle_and_the_run_metrics(synthetic_run, tmp_
                  "dd2cli.load_generator(\"b\"", "step 3"):
         assert text in card, text
     assert "generator.pt2" not in card  # no program was exported
+    # YAML front matter, as model hubs read it
+    front, _, body = card.removeprefix("---\n").partition("\n---\n")
+    fields = dict(line.split(": ", 1) for line in front.splitlines() if ": " in line)
+    assert card.startswith("---\n") and body.lstrip().startswith("# dd2 one-step generator")
+    assert fields["library_name"] == "dd2" and fields["license"] == "other"  # the synthetic teacher declares none
+    assert fields["pipeline_tag"] == "unconditional-image-generation" and "- synthetic-scales" in front
+    tensors_meta = load_safetensors(tmp_path / "b" / "generator.safetensors")[1]
+    assert tensors_meta["format"] == "pt" and tensors_meta["dd2_format"] == "dd2-generator-bundle"
 
 
 # ---- damaged bundles -------------------------------------------------------------------------------
 
 @pytest.fixture
 def bundle(synthetic_run, tmp_path) -> Path:
-    _register("synthetic")
+    _register("synthetic")  # (loading a bundle resolves its family through the registry)
     export(ExportRequest(run_dir=synthetic_run, out=tmp_path / "bundle"))
-    plugins.reset()
     return tmp_path / "bundle"
 
 
@@ -342,14 +355,33 @@ def test_truncated_and_corrupted_safetensors(bundle):
 
 def test_unknown_factory_and_cli_errors(bundle, tmp_path):
     config = json.loads((bundle / "config.json").read_text())
-    config["decoder"]["factory"] = "os:system"  # not a bundle factory: never called
+    config["decoder"]["factory"] = "os:system"  # outside the family's plugin: never imported, never called
+    (bundle / "config.json").write_text(json.dumps(config))
+    assert "is not part of its teacher family's plugin ('synthetic')" in _error(bundle, BundleError)
+    config["decoder"]["factory"] = "synthetic:SyntheticPlugin"  # inside, but not a bundle factory
     (bundle / "config.json").write_text(json.dumps(config))
     assert "is not a dd2 bundle factory" in _error(bundle, BundleError)
-    config["decoder"]["factory"] = "dd2_nonexistent_plugin.export:build"
+    config["decoder"]["factory"] = "synthetic.nonexistent:build"
     (bundle / "config.json").write_text(json.dumps(config))
-    assert "needs the Python module 'dd2_nonexistent_plugin.export'" in _error(bundle, BundleError)
+    assert "needs the Python module 'synthetic.nonexistent'" in _error(bundle, BundleError)
     res = runner.invoke(app, ["sample", "--from", str(bundle), "-n", "2", "--out", str(tmp_path / "o")])
-    assert res.exit_code == 2 and "dd2_nonexistent_plugin" in res.output and "Traceback" not in res.output
+    assert res.exit_code == 2 and "synthetic.nonexistent" in res.output and "Traceback" not in res.output
+
+
+def test_a_bundle_whose_family_is_not_installed_or_left_out_is_refused(bundle, tmp_path, monkeypatch):
+    config = json.loads((bundle / "config.json").read_text())
+    assert config["family"] == "synthetic"
+    (bundle / "config.json").write_text(json.dumps({**config, "plugin_package": "dd2-synthetic"}))
+    plugins.reset()  # nothing registered: the family is not installed here
+    message = _error(bundle, BundleError)
+    assert "teacher family 'synthetic', which is not installed" in message
+    assert "pip install dd2-synthetic" in message
+    monkeypatch.setenv("DD2_LOAD_PLUGINS", "var")  # installed families, but not this one
+    plugins.reset()
+    message = _error(bundle, BundleError)
+    assert "is left out by DD2_LOAD_PLUGINS='var'" in message and "pip install dd2-synthetic" in message
+    res = runner.invoke(app, ["sample", "--from", str(bundle), "-n", "2", "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "teacher family 'synthetic'" in plain(res.output) and not (tmp_path / "o").exists()
 
 
 def test_bad_inputs_to_the_loaded_generator(bundle):
@@ -401,7 +433,8 @@ def test_var_factories_draw_no_random_weights():
 
     var = VARConfig(depth=2, width=64, num_heads=2, num_classes=3, vocab_size=16, z_channels=4, patch_nums=(1, 2))
     vae = VQVAEConfig(vocab_size=16, z_channels=4, ch=32, ch_mult=(1, 2), num_res_blocks=1, patch_nums=(1, 2))
-    config = {"backbone": {"factory": "dd2_var.export:build_backbone", "config": {"var": var.to_dict(),
+    _register("var")
+    config = {"family": "var", "backbone": {"factory": "dd2_var.export:build_backbone", "config": {"var": var.to_dict(),
                                                                                   "vae": vae.to_dict()}},
               "decoder": {"factory": "dd2_var.export:build_decoder", "config": {"vae": vae.to_dict()}},
               "head": {"latent_dim": 4, "feature_dim": 64, "width": 32, "depth": 1, "mlp_ratio": 2.0}}
@@ -419,7 +452,7 @@ def test_cold_load_is_fast(var_run, tmp_path):
     code = ("import sys, time, torch, dd2cli; t = time.perf_counter(); g = dd2cli.load_generator(sys.argv[1]); "
             "dt = time.perf_counter() - t; g([0, 1], seed=0); print(dt, 'torch._dynamo' in sys.modules)")
     res = subprocess.run([sys.executable, "-c", code, str(tmp_path / "b")], capture_output=True, text=True,
-                         timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                         timeout=120, env={**_installed_plugins_env(), "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr
     seconds, dynamo = res.stdout.split()
     assert dynamo == "False" and float(seconds) < 2.0, res.stdout  # about 0.17 s here

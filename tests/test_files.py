@@ -19,10 +19,19 @@ def test_safetensors_roundtrip_with_metadata(tmp_path):
     t = {"a": torch.randn(3, 4), "b": torch.arange(5), "c": torch.randn(2).bfloat16()}
     save_safetensors(tmp_path / "w.safetensors", t, {"step": 7})
     back, meta = load_safetensors(tmp_path / "w.safetensors")
-    assert meta == {"step": "7"}
+    assert meta == {"step": "7", "format": "pt"}
     for k in t:
         assert torch.equal(back[k], t[k])
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_safetensors_header_says_pt_and_keeps_dd2s_own_format_beside_it(tmp_path):
+    from safetensors import safe_open
+
+    save_safetensors(tmp_path / "w.safetensors", {"a": torch.zeros(2)}, {"format": "dd2-generator-bundle"})
+    with safe_open(str(tmp_path / "w.safetensors"), framework="pt") as fh:  # what the ecosystem's loaders read
+        header = fh.metadata()
+    assert header["format"] == "pt" and header["dd2_format"] == "dd2-generator-bundle"
 
 
 def test_truncated_and_corrupted_safetensors_are_rejected(tmp_path):

@@ -54,7 +54,8 @@ def test_registration_and_lookup():
 
 def test_unknown_teacher_lists_installed():
     plugins.register_plugin(FakeA(), name="fake-a")
-    with pytest.raises(UnknownTeacherError, match=r"No teacher 'vaar'\. Installed: fake-1, fake-2\. See 'dd2 teachers'"):
+    with pytest.raises(UnknownTeacherError,
+                       match=r"No teacher 'vaar'\. Installed: fake-1, fake-2\. See 'dd2 teachers'"):
         plugins.get_variant("vaar")
 
 

@@ -6,7 +6,7 @@ the teacher's exact joint, side by side with the set-prediction baseline, the ge
 initialises it (a copy of ψ₀), the AR-diffusion model (10 Euler steps per token), the generator after
 the flow-map regression that ends stage 1, and the teacher's own samples (the sampling-noise floor).
 
-Recipe (README, "Proposition 1"): stage 1 = 800 GTS steps + 800 flow-map regression updates, stage 2 =
+Recipe (docs/experiments/proposition1.md): stage 1 = 800 GTS steps + 800 flow-map regression updates, stage 2 =
 400 CSD updates (K = 4, generator lr 1e-4). Measured: TV 0.056 and 0.054 (seeds 0 and 1), baseline 0.571.
 The same stage 2 without the initialisation stage (no GTS, no flow map: the paper's generator from the
 teacher's backbone with an untrained head) ends at 0.39. Both runs go side by side, one core each.

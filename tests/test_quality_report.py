@@ -48,7 +48,7 @@ def test_distill_on_var_digits_ends_with_the_quality_table(tmp_path, monkeypatch
 
 # A shortened default run (300 GTS steps, 250 CSD updates; ~4 min on 2 CPU cores). llamagen-digits is the
 # bundled teacher whose one-step generator clears the baseline by a wide margin this early: var-digits needs
-# its flow-map phase and 300+ CSD updates for that (>10 min; README, "Quality of the digits demo").
+# its flow-map phase and 300+ CSD updates for that (>10 min; docs/experiments/digits.md).
 SHORT = ["--set", "stage1.steps=300", "--set", "stage2.steps=250", "--set", "run.sample_every=0",
          "--set", "run.checkpoint_every=250"]
 

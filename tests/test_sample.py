@@ -111,7 +111,8 @@ def test_resume_after_interruption_gives_identical_files(synthetic_plugin, run_d
         return real(*a, **k)
 
     monkeypatch.setattr(sample_mod, "_fresh_eps", dies)
-    res = runner.invoke(app, ["-q", "sample", "--from", str(run_dir), "-n", "10", "--batch-size", "4", "--out", str(out)])
+    res = runner.invoke(app, ["-q", "sample", "--from", str(run_dir), "-n", "10", "--batch-size", "4",
+                              "--out", str(out)])
     assert res.exit_code != 0
     monkeypatch.setattr(sample_mod, "_fresh_eps", real)
     assert len(_pngs(out)) == 4 and not list(out.glob("*.npz"))

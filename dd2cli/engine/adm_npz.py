@@ -1,4 +1,8 @@
-"""TODO docstring."""
+"""Sample sets as `.npz` files in the ADM layout: `arr_0` uint8 NHWC images, optional labels in `arr_1`.
+
+Writing streams the images into the zip member (a 50,000-image set never sits in memory); reading streams rows
+of a member without loading it whole.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,19 @@
-"""TODO docstring."""
+"""Generator bundles: the folder `dd2 export` writes, and loading it back without the run or the teacher.
+
+    bundle.json             marker: {"format": "dd2-generator-bundle", "version": 1, "teacher", "content_sha256"}
+    config.json             format version, spec facts, head config, family, backbone/decoder factories + configs,
+                            teacher identity, distillation settings, the run's checkpoint step
+    generator.safetensors   G_θ (`model.backbone.*`, `model.head.*`), EMA weights by default
+    decoder.safetensors     the tokenizer decoder: token ids (B, n) → images (B, 3, H, W) in [0, 1]
+    codebook.safetensors    `codebook` (V, d) fp32: the nearest-codebook lookup of the generator's latents
+    README.md               model card (`engine.model_card`)
+    samples.png             the run's last sample grid (when the run has one)
+    generator.pt2           (--format pt2) a torch.export program: labels, noise → uint8 images
+
+A bundle names its teacher family; loading finds the family's plugin through the registry (so
+`DD2_LOAD_PLUGINS` applies and an uninstalled family is one sentence naming the package to install) and calls
+only `@bundle_factory` functions inside that plugin's package to rebuild the backbone and the decoder.
+"""
 
 from __future__ import annotations
 
@@ -14,26 +29,17 @@ from torch.overrides import TorchFunctionMode
 from ..errors import CheckpointMismatchError, DD2Error, FileFormatError
 from ..files import check_state_dict, load_safetensors, read_json
 from ..networks import Generator, build_model
+from ..plugins import LOAD_ENV, registry
 from ..teacher import nearest_codebook
 from ..teachers import SamplingSettings, TeacherSpec
 from ..version import __version__
 
 BUNDLE_FORMAT = "dd2-generator-bundle"
-
-
 #: the newest bundle layout this dd2 writes and reads
 BUNDLE_VERSION = 1
-
-
 MARKER, CONFIG, CARD = "bundle.json", "config.json", "README.md"
-
-
 GENERATOR, DECODER, CODEBOOK = "generator.safetensors", "decoder.safetensors", "codebook.safetensors"
-
-
 PT2, SAMPLES = "generator.pt2", "samples.png"
-
-
 REQUIRED = (CONFIG, GENERATOR, DECODER, CODEBOOK)
 
 
@@ -45,11 +51,36 @@ class BundleVersionError(BundleError):
     """A bundle written by a newer dd2 (a bundle format this version cannot read)."""
 
 
-def _resolve_factory(text: Any, what: str) -> Callable[[dict], nn.Module]:
+def family_package(config: Mapping[str, Any]) -> str:
+    """The Python package of the plugin that provides the bundle's teacher family, found through the registry.
+
+    The registry is the only way in: a family that is not installed, or that `DD2_LOAD_PLUGINS` leaves out, is
+    refused here, before any module named in the bundle is imported.
+    """
+    family = config.get("family")
+    if not isinstance(family, str) or not family:
+        raise BundleError("The bundle's config.json names no teacher family; the file is damaged or was written by "
+                          "an older dd2, export the bundle again.")
+    reg = registry()
+    if family not in reg.families:
+        package = config.get("plugin_package")
+        remedy = f"pip install {package}" if package else f"install the dd2 plugin package that provides '{family}'"
+        excluded = (f" or is left out by {LOAD_ENV}={os.environ[LOAD_ENV]!r}" if os.environ.get(LOAD_ENV) is not None
+                    else "")
+        raise BundleError(f"The bundle was made from teacher family '{family}', which is not installed{excluded}; "
+                          f"{remedy} to load it (see 'dd2 plugins').")
+    return reg.packages[family]
+
+
+def _resolve_factory(text: Any, what: str, package: str) -> Callable[[dict], nn.Module]:
+    """The `@bundle_factory` function `module:function` named by the bundle, from inside `package` only."""
     module_name, _, fn_name = str(text).partition(":")
     if not module_name or not fn_name:
         raise BundleError(f"The bundle's {what} factory '{text}' is not of the form module:function; its "
                           f"config.json is damaged, export the bundle again.")
+    if module_name != package and not module_name.startswith(package + "."):
+        raise BundleError(f"The bundle's {what} factory '{text}' is not part of its teacher family's plugin "
+                          f"('{package}'); the bundle's config.json is damaged or was tampered with, do not load it.")
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
@@ -57,8 +88,8 @@ def _resolve_factory(text: Any, what: str) -> Callable[[dict], nn.Module]:
                           f"installed); install the dd2 teacher plugin that made the bundle.") from None
     fn = getattr(module, fn_name, None)
     if fn is None or not getattr(fn, "__dd2_bundle_factory__", False):
-        raise BundleError(f"'{text}' is not a dd2 bundle factory; the installed '{module_name.split('.')[0]}' "
-                          f"plugin is a different version from the one that made the bundle.")
+        raise BundleError(f"'{text}' is not a dd2 bundle factory; the installed '{package}' plugin is a different "
+                          f"version from the one that made the bundle.")
     return fn
 
 
@@ -102,11 +133,14 @@ class _SkipInit(TorchFunctionMode):
 
 def build_skeleton(config: Mapping[str, Any]) -> tuple[Generator, nn.Module]:
     """Generator and decoder of a bundle config, built by the plugin's factories (weights not loaded)."""
+    package = family_package(config)
+    build_backbone = _resolve_factory(config["backbone"]["factory"], "backbone", package)
+    build_decoder = _resolve_factory(config["decoder"]["factory"], "decoder", package)
     with _SkipInit():
-        backbone = _resolve_factory(config["backbone"]["factory"], "backbone")(dict(config["backbone"]["config"]))
+        backbone = build_backbone(dict(config["backbone"]["config"]))
         h = config["head"]
         model = build_model(backbone, h["latent_dim"], h["width"], h["depth"], h["mlp_ratio"])
-        decoder = _resolve_factory(config["decoder"]["factory"], "decoder")(dict(config["decoder"]["config"]))
+        decoder = build_decoder(dict(config["decoder"]["config"]))
     return Generator(model), decoder
 
 

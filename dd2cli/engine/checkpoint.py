@@ -24,7 +24,7 @@ from typing import Any, Mapping
 
 import torch
 
-from ..errors import DD2Error, FileFormatError
+from ..errors import FileFormatError
 from ..files import atomic_write_bytes, load_safetensors, read_json, save_safetensors, write_json
 
 CKPT_DIR = "checkpoints"
@@ -184,12 +184,3 @@ def truncate_metrics(run_dir: Path, stage: int, step: int) -> None:
         if (rec.get("stage", 0), rec.get("step", 0)) <= (stage, step):
             keep.append(line)
     atomic_write_bytes(path, ("\n".join(keep) + ("\n" if keep else "")).encode())
-
-
-def check_new_run_dir(path: Path) -> None:
-    path = Path(path)
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise DD2Error(
-            f"{path} already exists and is not empty; use --resume {path} to continue that run, or choose "
-            f"another --out."
-        )

@@ -1,4 +1,10 @@
-"""TODO docstring."""
+"""The DD2 training engine: stage 1 (GTS initialisation, optional flow-map phase) and stage 2 (CSD), resumable.
+
+`run(request)` is what `dd2 distill` calls; everything here works without the CLI. The loops are written out
+top to bottom with numbered steps; the losses live in `dd2cli.losses`, the networks in `dd2cli.networks`
+(`build_model`), checkpoints in `engine.checkpoint`, run folders in `engine.runs`. Ctrl-C stops a run with an
+`Interrupted` error that names the last complete checkpoint; `--resume` continues from it.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import deep_merge, from_dict, load_settings, parse_override, to_dict
-from ..errors import ConfigError, DD2Error
+from ..errors import ConfigError, DD2Error, Interrupted
 from ..files import load_safetensors, read_json, save_safetensors, write_json
 from ..flowmap import flow_map_loss
 from ..images import save_grid
@@ -27,7 +33,6 @@ from ..version import __version__
 from .checkpoint import (
     Checkpoint,
     append_metrics,
-    check_new_run_dir,
     final_stage1_checkpoint,
     latest_checkpoint,
     save_checkpoint,
@@ -49,7 +54,7 @@ from .distributed import (
     shard_model,
 )
 from .progress import Progress
-from .runs import _new_run_dir
+from .runs import check_empty_out, default_runs_dir, new_folder
 from .runtime import resolve_device, resolve_threads, torch_threads
 
 
@@ -93,6 +98,16 @@ class _Run:
         seed = settings.seed + 1000 * dist.rank
         self.gen_data = torch.Generator(device=device).manual_seed(seed)
         self.gen_train = torch.Generator(device=device).manual_seed(seed + 1)
+        self.stage_name, self.step = "start-up", 0
+
+    # -- where the run is (for progress, and for the line printed on Ctrl-C) --
+    def start(self, stage: str, total: int, done: int) -> None:
+        self.stage_name, self.step = stage, done
+        self.progress.start(stage, total, done, unit="it")
+
+    def update(self, step: int, metrics: Mapping[str, float]) -> None:
+        self.step = step
+        self.progress.update(step, metrics)
 
     # -- helpers --
     def autocast(self):
@@ -330,7 +345,7 @@ def _stage1(run: _Run, ckpt: Checkpoint | None) -> ARDiffusion:
         return model
     batches = _token_batches(run, run.per_rank(s1.batch_size))
     timesteps = TimestepSpec(**to_dict(s1.timesteps))
-    run.progress.start("stage 1 (GTS)", s1.steps, start)
+    run.start("stage 1 (GTS)", s1.steps, start)
     t0, done = time.perf_counter(), 0
     for step in range(start, s1.steps):
         # 0. schedule: head only first (backbone frozen), then everything
@@ -363,7 +378,7 @@ def _stage1(run: _Run, ckpt: Checkpoint | None) -> ARDiffusion:
         done += 1
         metrics = {"loss_gts": loss_value, "grad_norm": grad_norm, "lr": opt.param_groups[0]["lr"],
                    "it_s": done / (time.perf_counter() - t0)}
-        run.progress.update(step + 1, metrics)
+        run.update(step + 1, metrics)
         if (step + 1) % run.settings.run.log_every == 0 or step + 1 == s1.steps:
             run.log(1, step + 1, metrics)
         if (step + 1) % run.settings.run.checkpoint_every == 0 and step + 1 < s1.steps:
@@ -403,7 +418,7 @@ def _flow_init(run: _Run, ckpt: Checkpoint | None) -> None:
     n, d = run.spec.num_tokens, run.spec.latent_dim
     score_kw = {"chunk_size": run.settings.score.chunk_size, "support": run.settings.score.support}
     modules = {"model": psi0_state, "generator": gen}
-    run.progress.start("stage 1 (flow-map init)", fi.steps, start)
+    run.start("stage 1 (flow-map init)", fi.steps, start)
     t0, done = time.perf_counter(), 0
     for step in range(start, fi.steps):
         _set_lr(opt, _lr_at(step, fi.lr, fi.warmup_steps))
@@ -422,7 +437,7 @@ def _flow_init(run: _Run, ckpt: Checkpoint | None) -> None:
         done += 1
         metrics = {"loss_flow": loss_value, "flow_agree": average_scalar(agree, run.dist), "grad_norm": grad_norm,
                    "lr": opt.param_groups[0]["lr"], "it_s": done / (time.perf_counter() - t0)}
-        run.progress.update(step + 1, metrics)
+        run.update(step + 1, metrics)
         if (step + 1) % run.settings.run.log_every == 0 or step + 1 == fi.steps:
             run.log(1, offset + step + 1, metrics)
         if (step + 1) % run.settings.run.checkpoint_every == 0 and step + 1 < fi.steps:
@@ -494,7 +509,7 @@ def _stage2(run: _Run, psi0: ARDiffusion, ckpt: Checkpoint | None,
     modules = {"generator": gen, "ema": ema, "guidance": guidance}
     optimizers = {"generator": opt_g, "guidance": opt_psi}
     grid_path = None
-    run.progress.start("stage 2 (CSD)", s2.steps, start)
+    run.start("stage 2 (CSD)", s2.steps, start)
     t0, done = time.perf_counter(), 0
     for it in range(start, s2.steps):
         # 0. performance alignment: generator ← EMA, then guidance-only updates
@@ -539,7 +554,7 @@ def _stage2(run: _Run, psi0: ARDiffusion, ckpt: Checkpoint | None,
         metrics = {"loss_csd": loss_g, "loss_fcs": loss_psi, "score_gap": average_scalar(out.score_gap, run.dist),
                    "grad_norm": grad_norm, "lr": opt_g.param_groups[0]["lr"],
                    "it_s": done / (time.perf_counter() - t0)}
-        run.progress.update(it + 1, metrics)
+        run.update(it + 1, metrics)
         if (it + 1) % run.settings.run.log_every == 0 or it + 1 == s2.steps:
             run.log(2, it + 1, metrics)
         if run.settings.run.sample_every and (it + 1) % run.settings.run.sample_every == 0:
@@ -615,8 +630,8 @@ def prepare(req: DistillRequest) -> tuple[Path, dict, DistillSettings]:
         settings.device = req.device
     if req.stage == "2":
         raise DD2Error("--stage 2 needs the stage-1 result of an existing run; use it with --resume RUN_DIR.")
-    run_dir = Path(req.out) if req.out is not None else _new_run_dir(variant.name)
-    check_new_run_dir(run_dir)
+    run_dir = Path(req.out) if req.out is not None else new_folder(default_runs_dir(), variant.name)
+    check_empty_out(run_dir, f"use --resume {run_dir} to continue that run, or choose another --out")
     info = {"dd2_version": __version__, "teacher": variant.name, "family": variant.family,
             "weights": {k: str(v) for k, v in req.weights.items()}, "settings": to_dict(settings)}
     return run_dir, info, settings
@@ -637,12 +652,12 @@ def run(req: DistillRequest, progress: Progress | None = None,
 
 def _run(req: DistillRequest, run_dir: Path, info: dict, settings: DistillSettings, threads: int,
          progress: Progress, on_ready: Callable[[Path, dict], None] | None) -> DistillResult:
-
     device = resolve_device(settings.device)
     dist = init_from_env(device)
     if dist.enabled and device.startswith("cuda"):
         device = f"cuda:{dist.local_rank}"
         torch.cuda.set_device(device)
+    r = None
     try:
         variant = get_variant(info["teacher"])
         teacher = variant.load(info.get("weights") or None, device=device).eval().requires_grad_(False)
@@ -685,8 +700,20 @@ def _run(req: DistillRequest, run_dir: Path, info: dict, settings: DistillSettin
         ckpt2 = ckpt if ckpt is not None and ckpt.stage == 2 else None
         result.generator, result.stage2_step, result.grid = _stage2(r, psi0, ckpt2, generator_init)
         return result
+    except KeyboardInterrupt:
+        progress.stop()
+        raise _interrupted(run_dir, r) from None
     finally:
         cleanup(dist)
+
+
+def _interrupted(run_dir: Path, r: _Run | None) -> Interrupted:
+    """The one line Ctrl-C prints: where the run stopped, what is kept, how to continue."""
+    where = f" at {r.stage_name} step {r.step}" if r is not None else ""
+    last = latest_checkpoint(run_dir)
+    kept = (f"the last complete checkpoint is stage {last.stage} step {last.step}" if last is not None
+            else "no checkpoint was written yet")
+    return Interrupted(f"Interrupted{where}; {kept}, resume with `dd2 distill --resume {run_dir}`.")
 
 
 def _adapt(teacher: Teacher, settings: DistillSettings, run_dir: Path, dist: DistInfo, device: str,

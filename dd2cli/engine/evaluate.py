@@ -1,4 +1,10 @@
-"""TODO docstring."""
+"""`dd2 eval`: score sample sets against a reference, as OpenAI's ADM evaluator does (docs/evaluation.md).
+
+Sample sets and references are opened by `engine.sample_sets` (folders of PNGs) and `engine.adm_npz` (`.npz`
+files in the ADM layout); features come from `engine.features` (Inception or the digits classifier), the numbers
+from `engine.metrics`. Reference features are cached under the cache folder, keyed by the reference file and
+the feature network. Results are written as JSON next to each sample set (or to `--json-out`).
+"""
 
 from __future__ import annotations
 
@@ -13,6 +19,7 @@ import torch
 
 from ..errors import DD2Error
 from ..files import fingerprint_file, load_safetensors, read_json, save_safetensors, write_json
+from ..plugins import registry
 from ..version import __version__
 from .adm_npz import _npz_keys, _NpzMember
 from .features import DigitsExtractor, InceptionExtractor, default_cache_dir, digits_reference_images, extract_features
@@ -23,8 +30,6 @@ from .runtime import resolve_device
 from .sample_sets import ImageSet, open_images
 
 METRICS = ("fid", "sfid", "is", "prec-recall", "class-consistency")
-
-
 #: the metrics `dd2 eval all` computes in each feature space
 ALL_METRICS = {"inception": ("fid", "sfid", "is", "prec-recall"),
                "digits": ("fid", "is", "prec-recall", "class-consistency")}
@@ -141,9 +146,14 @@ def _resolve_space(features: str, sets: Sequence[ImageSet]) -> str:
         return features
     if features != "auto":
         raise DD2Error(f"--features must be auto, inception or digits, not '{features}'.")
-    # auto: a digits teacher's samples are scored in the digits space (Inception means nothing there)
-    teachers = [(s.manifest or {}).get("source", {}).get("teacher", "") for s in sets]
-    return "digits" if teachers and all(t and "digits" in t for t in teachers) else "inception"
+    # auto: the space the teachers of the sample sets declare (Variant.features); Inception when they disagree
+    # or a teacher is unknown here
+    reg = registry()
+    spaces = set()
+    for s in sets:
+        variant = reg.variants.get((s.manifest or {}).get("source", {}).get("teacher", ""))
+        spaces.add(variant.features if variant is not None else None)
+    return spaces.pop() if len(spaces) == 1 and None not in spaces else "inception"
 
 
 def _default_json_path(samples: Path, space: str) -> Path:

@@ -1,4 +1,10 @@
-"""TODO docstring."""
+"""`dd2 export`: write a run's one-step generator as a self-contained bundle (layout: `engine.bundle`).
+
+The teacher's plugin says, through `Teacher.bundle_parts(backbone)`, which factories rebuild its backbone and its
+decoder from JSON configs. Everything is written into a temporary folder next to `--out`, checked against the
+run (the bundle must reproduce the run's images), and renamed into place at the end, so an interrupted export
+never leaves a bundle that looks complete.
+"""
 
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ from ..errors import DD2Error
 from ..files import fingerprint_file, read_json, save_safetensors, sha256_file, write_json
 from ..heads import head_config
 from ..networks import Generator
+from ..plugins import distribution_of, registry
 from ..settings import DistillSettings
 from ..teacher import BundleParts
 from ..version import __version__
@@ -41,14 +48,10 @@ from .bundle import (
 )
 from .model_card import model_card
 from .progress import Progress
-from .runs import check_out_dir, load_generator_from_run
+from .runs import check_empty_out, load_generator_from_run
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
 FORMATS = ("safetensors", "pt2")
-
-
 #: a fp32 bundle must reproduce the run's images to this (pixel values in [0, 1])
 FP32_TOLERANCE = 1e-5
 
@@ -214,7 +217,6 @@ def _export_pt2(bundle: BundleGenerator, path: Path) -> str:
 
 def _bundle_config(info: dict, teacher, generator: Generator, parts: BundleParts, req: ExportRequest,
                    run: dict) -> dict:
-
     spec = teacher.spec
     settings = from_dict(DistillSettings, info["settings"])
     return {
@@ -224,6 +226,11 @@ def _bundle_config(info: dict, teacher, generator: Generator, parts: BundleParts
         "created": _dt.datetime.now().isoformat(timespec="seconds"),
         "teacher": info["teacher"],
         "family": info.get("family", ""),
+        # the pip package to install when the family is missing where the bundle is loaded
+        "plugin_package": distribution_of(info.get("family", "")),
+        # for the model card's front matter
+        "base_model": getattr(registry().variants.get(info["teacher"]), "base_model", ""),
+        "license": getattr(registry().variants.get(info["teacher"]), "license", ""),
         "variant": info["teacher"],
         "spec": {"num_tokens": spec.num_tokens, "vocab_size": spec.vocab_size, "latent_dim": spec.latent_dim,
                  "num_classes": spec.num_classes, "null_class": spec.null_class, "num_steps": spec.num_steps,
@@ -257,7 +264,7 @@ def export(req: ExportRequest, progress: Progress | None = None) -> ExportResult
     run_dir, out = Path(req.run_dir), Path(req.out)
     if not (run_dir / "config.json").is_file():
         raise DD2Error(f"{run_dir} is not a distillation run (no config.json); pass the folder 'dd2 distill' wrote.")
-    check_out_dir(out)
+    check_empty_out(out)
 
     # 1. the run's generator and teacher, and what the teacher's plugin says rebuilds them
     progress.message(f"Loading the {req.weights} generator of {run_dir}")
@@ -320,7 +327,7 @@ def export(req: ExportRequest, progress: Progress | None = None) -> ExportResult
         write_json(tmp / MARKER, {"format": BUNDLE_FORMAT, "version": BUNDLE_VERSION, "teacher": info["teacher"],
                                   "content_sha256": _content_hash(tmp, names)})
         if out.exists():
-            check_out_dir(out)  # still empty: nothing else wrote there meanwhile
+            check_empty_out(out)  # still empty: nothing else wrote there meanwhile
             out.rmdir()
         os.replace(tmp, out)
     except BaseException:

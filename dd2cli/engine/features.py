@@ -1,4 +1,9 @@
-"""TODO docstring."""
+"""Feature networks of `dd2 eval`: Inception (FID, sFID, IS, precision/recall) and the digits classifier.
+
+The Inception network is torch-fidelity's port of the TF graph (through torchmetrics), loaded from a local
+file only: dd2 never downloads weights. The digits classifier ships with dd2 (`dd2cli/data/`); its features
+score the bundled digits teachers, where Inception means nothing.
+"""
 
 from __future__ import annotations
 
@@ -20,12 +25,8 @@ from .sample_sets import ImageSet, memory_images
 
 #: torch-fidelity's port of the TF Inception graph used by the ADM evaluator (566 keys, 23.9M values)
 INCEPTION_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
-
-
 INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
                  "weights-inception-2015-12-05-6726825d.pth")
-
-
 CACHE_ENV = "DD2_CACHE_DIR"
 
 
@@ -98,7 +99,6 @@ class InceptionExtractor:
     space = "inception"
 
     def __init__(self, weights: Optional[str | os.PathLike] = None, device: str = "cpu", resize: str = "adm") -> None:
-
         path = locate_inception_weights(weights)
         state_dict = load_foreign_checkpoint(path, unwrap=(), what="Inception weights")
         self.net = inception_network(state_dict, resize).to(device)
@@ -125,7 +125,6 @@ class DigitsExtractor:
     space = "digits"
 
     def __init__(self, device: str = "cpu") -> None:
-
         self.net = load_digits_classifier(device=device)
         self.device = device
         self.key = f"digits-{fingerprint_file(CLASSIFIER_PATH)[:16]}"

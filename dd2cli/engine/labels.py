@@ -1,4 +1,8 @@
-"""TODO docstring."""
+"""Class labels of a sample set: `uniform`, `balanced` (index mod classes) or a cycled list, drawn per index.
+
+Every random draw of a sample set is seeded by `(seed, stream, index)`, so an image does not depend on the
+batch size, the number of ranks or which images were already there.
+"""
 
 from __future__ import annotations
 

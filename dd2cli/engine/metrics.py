@@ -1,4 +1,11 @@
-"""TODO docstring."""
+"""The metrics of `dd2 eval`, computed as OpenAI's ADM evaluator computes them (docs/evaluation.md).
+
+- Fréchet distance (FID on Inception pool_3, sFID on the first 7 channels of `mixed_6/conv`, digits-FID on the
+  digits classifier's penultimate features), float64: `μ` by mean, `Σ` by `np.cov(rowvar=False)`, the trace of
+  `sqrtm(Σ1Σ2)` from a symmetric eigendecomposition.
+- Inception score: softmax of the 1008-way logits without bias, 10 splits, mean of `exp(KL)`.
+- Precision / recall: k-NN manifolds (Kynkäänniemi et al. 2019), `k = 3`, in batches.
+"""
 
 from __future__ import annotations
 

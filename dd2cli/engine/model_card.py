@@ -1,4 +1,6 @@
-"""TODO docstring."""
+"""The README.md of a bundle: YAML front matter for model hubs, then what the generator is, its teacher, how it
+was trained, the run's metrics, the files, and how to load it.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +22,16 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def _front_matter(config: Mapping[str, Any]) -> list[str]:
+    """YAML front matter, as model hubs read it (library, licence, base model, pipeline tag, tags)."""
+    lines = ["---", "library_name: dd2", f"license: {config.get('license') or 'other'}"]
+    if config.get("base_model"):
+        lines.append(f"base_model: {config['base_model']}")
+    lines += ["pipeline_tag: unconditional-image-generation", "tags:", "- dd2", "- distilled-decoding",
+              "- one-step", "- class-conditional", f"- {config['teacher']}", "---"]
+    return lines
+
+
 def model_card(config: Mapping[str, Any], sizes: Mapping[str, int], evals: Sequence[Mapping[str, Any]],
                losses: Mapping[str, Any], folder: str) -> str:
     """README.md of a bundle: what it is, teacher, training, metrics, files, how to load it."""
@@ -28,7 +40,7 @@ def model_card(config: Mapping[str, Any], sizes: Mapping[str, int], evals: Seque
     s1, s2, run, w = s["stage1"], s["stage2"], config["run"], config["weights"]
     teacher = config["teacher"]
     ident = config.get("teacher_identity") or {}
-    lines = [
+    lines = [*_front_matter(config), "",
         f"# dd2 one-step generator: {teacher}",
         "",
         f"A one-step image generator distilled with Distilled Decoding 2 (DD2) from the auto-regressive teacher "

@@ -1,4 +1,9 @@
-"""TODO docstring."""
+"""Run and sample-set folders: where new ones go, finding the newest, and loading a run's generator.
+
+A run folder (`dd2 distill`) holds `config.json`, `checkpoints/`, `latest.json`, `metrics.jsonl` and
+`samples/`; `load_generator_from_run` builds the generator with `networks.build_model` and loads its weights,
+without building a training run.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import datetime as _dt
 import json
 import os
 from pathlib import Path
+from typing import Callable, Iterable
 
 from ..config import from_dict
 from ..errors import DD2Error
@@ -23,14 +29,37 @@ def default_runs_dir() -> Path:
     return Path(os.environ.get(RUNS_DIR_ENV, "runs"))
 
 
-def _new_run_dir(teacher: str) -> Path:
+def new_folder(parent: Path, prefix: str) -> Path:
+    """A folder name under `parent` that does not exist yet: `<prefix>-<YYYYmmdd-HHMMSS>[-i]` (not created)."""
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    base = default_runs_dir() / f"{teacher}-{stamp}"
+    base = Path(parent) / f"{prefix}-{stamp}"
     path, i = base, 1
     while path.exists():
         path = base.with_name(f"{base.name}-{i}")
         i += 1
     return path
+
+
+def check_empty_out(out: Path, remedy: str = "choose another --out or delete it first") -> None:
+    """Refuse an output folder that exists with something in it (dd2 never mixes its output with other files)."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise DD2Error(f"{out} already exists and is not empty; {remedy}.")
+
+
+def _newest(markers: Iterable[Path], accept: Callable[[dict], bool]) -> Path | None:
+    """The folder of the most recently written JSON marker file whose content `accept`s (unreadable ones skipped)."""
+    best, best_t = None, -1.0
+    for marker in markers:
+        try:
+            if not accept(json.loads(marker.read_text())):
+                continue
+            t = marker.stat().st_mtime
+        except (OSError, ValueError, TypeError, AttributeError):
+            continue
+        if t > best_t:
+            best, best_t = marker.parent, t
+    return best
 
 
 def load_generator_from_run(run_dir: Path, device: str = "cpu", which: str = "ema") -> tuple[Generator, Teacher, dict]:
@@ -51,55 +80,19 @@ def load_generator_from_run(run_dir: Path, device: str = "cpu", which: str = "em
 
 def find_latest_run() -> Path:
     """The newest run under the runs folder that has a stage-2 checkpoint (by mtime of latest.json)."""
-
-    best, best_t = None, -1.0
     root = default_runs_dir()
-    for pointer in root.glob("*/latest.json"):
-        try:
-            if int(json.loads(pointer.read_text()).get("stage", 0)) != 2:
-                continue
-        except (OSError, ValueError, json.JSONDecodeError):
-            continue
-        t = pointer.stat().st_mtime
-        if t > best_t:
-            best, best_t = pointer.parent, t
+    best = _newest(root.glob("*/latest.json"), lambda latest: int(latest.get("stage", 0)) == 2)
     if best is None:
         raise DD2Error(f"No finished distillation run under {root}; run 'dd2 distill' first, or pass --from RUN_DIR "
                        f"or --teacher NAME.")
     return best
 
 
-def _new_out_dir(parent: Path, prefix: str) -> Path:
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    base = parent / f"{prefix}-{stamp}"
-    path, i = base, 1
-    while path.exists():
-        path = base.with_name(f"{base.name}-{i}")
-        i += 1
-    return path
-
-
 def find_latest_sample_set() -> Path:
     """The newest complete dd2 sample set under the runs folder and ./samples."""
-
-    candidates = list(default_runs_dir().glob("*/samples/*/manifest.json")) + list(Path("samples").glob("*/manifest.json"))
-    best, best_t = None, -1.0
-    for m in candidates:
-        try:
-            if not json.loads(m.read_text()).get("complete"):
-                continue
-        except (OSError, json.JSONDecodeError):
-            continue
-        t = m.stat().st_mtime
-        if t > best_t:
-            best, best_t = m.parent, t
+    markers = [*default_runs_dir().glob("*/samples/*/manifest.json"), *Path("samples").glob("*/manifest.json")]
+    best = _newest(markers, lambda manifest: bool(manifest.get("complete")))
     if best is None:
         raise DD2Error(f"No finished sample set found under {default_runs_dir()} or ./samples; run 'dd2 sample' first "
                        f"or pass the samples' path.")
     return best
-
-
-def check_out_dir(out: Path) -> None:
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise DD2Error(f"{out} already exists and is not empty; choose another --out or delete it first.")

@@ -1,4 +1,12 @@
-"""TODO docstring."""
+"""Where and how the engine computes: the device, the torch thread count, bf16 autocast and `torch.compile`.
+
+`threads = -1` picks one torch thread per idle core at start. Precision and compilation are opt-in
+(`--precision bf16`, `--compile` on `dd2 sample` and `dd2 eval speed`) because they change numerics (bf16) or
+cost minutes of compilation before the first image (compile). bf16 is refused off CUDA: CPU autocast to bf16 is
+slower than fp32 on most CPUs and would silently change the images. `torch.compile` wraps the one-step
+generator only: the teachers' AR samplers grow their KV cache every step (a new shape per step), which would
+recompile at every position.
+"""
 
 from __future__ import annotations
 
@@ -85,8 +93,6 @@ def torch_threads(threads: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
-
-
 PRECISIONS = ("fp32", "bf16")
 
 

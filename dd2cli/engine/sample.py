@@ -1,4 +1,25 @@
-"""TODO docstring."""
+"""`dd2 sample`: draw sample sets from a distilled generator, an exported bundle or a teacher.
+
+Modes (docs/method.md §6):
+
+- one step: `q = G(ε, label)`, nearest-codebook ids, the teacher's decoder;
+- k steps (paper Alg. 4): the one-step tokens of the first `S − (k−1)` AR steps are kept and the
+  teacher re-samples the last `k − 1` steps with its own sampler;
+- teacher: the teacher's AR sampler (`S` steps);
+- set-prediction baseline (paper App. E.5): every position drawn independently from its marginal
+  token frequency given the class, estimated from teacher samples (cached).
+
+Output folder: `000000.png`... (one per global index), `samples_NxHxWx3.npz` in the ADM layout
+(`arr_0` uint8 NHWC, labels in `arr_1`; written at the end from the PNGs), `manifest.json` (every
+setting, the source's identity, the dd2 version) and `preview.png`.
+
+Determinism: sample `i` depends only on the seed and `i`. Per-index draws (the generator's noise,
+the baseline's picks) use a generator seeded by `(seed, i)`; samplers that draw a whole batch with
+one `torch.Generator` (the teacher, k-step refinement) work on fixed blocks of `block_size` indices,
+each with a generator seeded by `(seed, block)`, so neither `--batch-size` nor the number of ranks
+changes any image. A re-run finishes the missing PNGs only; under torchrun rank `r` takes blocks
+`r, r+W, ...` and rank 0 writes the npz, the preview and the manifest after a barrier.
+"""
 
 from __future__ import annotations
 
@@ -24,14 +45,12 @@ from .bundle import load_bundle
 from .distributed import barrier, cleanup, init_from_env
 from .labels import LabelSchedule, index_seed
 from .progress import Progress
-from .runs import _new_out_dir, find_latest_run, load_generator_from_run
+from .runs import find_latest_run, load_generator_from_run, new_folder
 from .runtime import check_precision, maybe_compile, resolve_device, sampling_context
 from .sample_sets import _check_out_dir, _finalise, _find_resumable, _normalise, _Writer, chunks, png_name
 
 #: the indices one `torch.Generator` covers for block-wise samplers (teacher, k-step); part of the settings
 DEFAULT_BLOCK_SIZE = 64
-
-
 MODE_TAGS = {"one-step": "1step", "k-step": "{k}step", "teacher": "teacher", "set-prediction": "setpred"}
 
 
@@ -97,7 +116,6 @@ class _Source:
 
 
 def _run_identity(run_dir: Path, which: str, info: Mapping[str, Any], teacher) -> tuple[dict, str]:
-
     latest = read_json(run_dir / "latest.json")
     modules = run_dir / latest["path"] / "modules.safetensors"
     ident = {"kind": "run", "run_dir": str(run_dir.resolve()), "teacher": info["teacher"],
@@ -276,14 +294,11 @@ def run(req: SampleRequest, progress: Progress | None = None) -> SampleResult:
         return _run(req, device, dist, progress)
     finally:
         cleanup(dist)
-
-
 _COMPILE_NEEDS_GENERATOR = ("--compile applies to a distilled generator (--from RUN_DIR); drop it for a teacher or "
                             "a bundle.")
 
 
 def _run(req: SampleRequest, device: str, dist, progress: Progress) -> SampleResult:
-
     if req.compile and req.teacher is not None:  # before minutes of loading a teacher
         raise DD2Error(_COMPILE_NEEDS_GENERATOR)
     src = _resolve_source(req, device, progress)
@@ -309,7 +324,7 @@ def _run(req: SampleRequest, device: str, dist, progress: Progress) -> SampleRes
     prefix = f"{src.tag}-{MODE_TAGS[mode].format(k=k)}"
     out = req.out
     if out is None:
-        out = _find_resumable(src.parent, prefix, settings, req.n) or _new_out_dir(src.parent, prefix)
+        out = _find_resumable(src.parent, prefix, settings, req.n) or new_folder(src.parent, prefix)
     if dist.enabled:  # every rank writes into rank 0's choice (a time stamp may differ between ranks)
         import torch.distributed as tdist
 

@@ -1,4 +1,11 @@
-"""TODO docstring."""
+"""Sample-set folders: the PNGs `dd2 sample` writes, their manifest, the npz and preview made from them, and
+reading any folder of images back (greyscale and palette images become RGB; images with an alpha channel are
+refused with one sentence).
+
+A folder holds `000000.png`, ... (one per global index), `manifest.json` (every setting and the source's
+identity: a re-run with other settings is refused, one with the same settings finishes the missing PNGs),
+`samples_NxHxWx3.npz` and `preview.png`.
+"""
 
 from __future__ import annotations
 
@@ -79,7 +86,6 @@ def _check_out_dir(out: Path, settings: dict, n: int) -> Optional[dict]:
 
 
 def _save_png(path: Path, image_HW3: np.ndarray) -> None:
-
     from PIL import Image
 
 
@@ -99,7 +105,6 @@ class _Writer:
         self.pending: list[Future] = []
 
     def write(self, indices: Sequence[int], images_B3HW: Tensor) -> None:
-
         arr = to_uint8(images_B3HW).numpy()
         self.wait()
         self.pending = [self.pool.submit(_save_png, self.out / png_name(i), arr[row]) for row, i in enumerate(indices)]
@@ -117,7 +122,6 @@ class _Writer:
 
 
 def _read_pngs(out: Path, indices: Sequence[int], pool: ThreadPoolExecutor) -> np.ndarray:
-
     return np.stack(list(pool.map(_read_image, [out / png_name(i) for i in indices])))
 
 
@@ -140,13 +144,10 @@ def _finalise(out: Path, n: int, labels: np.ndarray) -> tuple[Path, Path]:
     grid_path = out / "preview.png"
     save_grid(grid_path, torch.from_numpy(preview).permute(0, 3, 1, 2).float() / 255, ncol=10)
     return npz, grid_path
-
-
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
 def _open_image_checked(file: Path):
-
     try:
         img = Image.open(file)
     except (UnidentifiedImageError, OSError) as exc:

@@ -1,4 +1,6 @@
-"""TODO docstring."""
+"""`dd2 eval speed`: images per second and latency of the one-step generator against the teacher (and k-step),
+decode included, timed side by side in one process (median of repeats, after warm-up runs).
+"""
 
 from __future__ import annotations
 

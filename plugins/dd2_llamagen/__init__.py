@@ -62,6 +62,8 @@ def official_variants() -> tuple[Variant, ...]:
                 VQ_FILE,
             ),
             image_size=image_size,
+            base_model="FoundationVision/LlamaGen",
+            license="mit",
             options={"gpt_size": size, "image_size": image_size},
         ))
     return tuple(out)
@@ -80,6 +82,8 @@ def digits_variant() -> Variant:
                        bundled=WEIGHTS_DIR / "llamagen_digits_vq.safetensors"),
         ),
         image_size=16,
+        features="digits",
+        license="mit",  # trained by this project (examples/train_llamagen_digits.py)
         distill_defaults=CPU_DEMO_DEFAULTS,
         options={"config": str(WEIGHTS_DIR / "llamagen_digits.json")},
     )

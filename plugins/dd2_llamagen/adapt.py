@@ -1,4 +1,4 @@
-"""Data-free continuous input adaptation of a LlamaGen teacher (DD2 paper, method.md §3).
+"""Data-free continuous input adaptation of a LlamaGen teacher (DD2 paper, docs/method.md §3).
 
 LlamaGen reads token ids through `tok_embeddings`; DD2 needs a teacher that reads continuous
 latents. `adapt_teacher` starts from the fitted input adapter (`adapter(c_j) ≈ tok_embeddings[j]`)

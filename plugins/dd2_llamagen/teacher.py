@@ -6,7 +6,7 @@
   to the nearest normalised codebook row. `with_continuous_input(adapter)` gives a teacher that
   reads continuous latents through an adapter instead (see `adapt.py`).
 - `ContinuousInputAdapter`: the MLP `R^d → dim` (softmax hidden layer: a soft nearest-codebook
-  lookup) that replaces `tok_embeddings` in the backbone (method.md §3), fitted once per teacher
+  lookup) that replaces `tok_embeddings` in the backbone (docs/method.md §3), fitted once per teacher
   so that `adapter(c_j) ≈ tok_embeddings[j]`.
 - `LlamaGenBackbone`: trainable copy of the trunk (class embedding, blocks, final norm) whose
   token input is the adapter of the previous position's latent.
@@ -34,7 +34,7 @@ _DECODER_PREFIXES = ("decoder.", "post_quant_conv.", "quantize.embedding.")
 #: images per decoder pass, as `LlamaGenTeacher.decode` (bounds the memory of big tokenizers)
 DECODE_CHUNK = 32
 
-#: sampling settings of the DD2 paper for LlamaGen (method.md §4, §7) at V = 16384
+#: sampling settings of the DD2 paper for LlamaGen (docs/method.md §4, §7) at V = 16384
 PAPER_STAGE1 = SamplingSettings(cfg=2.0, top_k=8000, top_p=1.0)
 PAPER_TARGET = SamplingSettings(cfg=2.0, top_k=900, top_p=1.0)
 PAPER_EVALUATION = SamplingSettings(cfg=2.0, top_k=8000, top_p=1.0)
@@ -263,7 +263,6 @@ class LlamaGenTeacher(Teacher):
         """`/max(temperature, 1e-5)`, then HF-style top-k (ties with the k-th kept), then top-p."""
         # dividing by 1 is exact: skip a pass over (B, V) per decoding step
         logits = logits_BNV / max(settings.temperature, 1e-5) if settings.temperature != 1.0 else logits_BNV
-        V = logits.shape[-1]
         if settings.top_k > 0:
             logits = logits.masked_fill(logits < kth_largest(logits, settings.top_k), float("-inf"))
         if settings.top_p < 1.0:

@@ -71,6 +71,8 @@ def _official(depth: int) -> Variant:
             _VAE_FILE,
         ),
         image_size=size,
+        base_model="FoundationVision/var",
+        license="mit",
         distill_defaults=_distill_defaults(),
         options={"depth": depth, "stage1": STAGE1, "target": TARGET, "evaluation": EVALUATION},
     )
@@ -88,9 +90,10 @@ def _digits() -> Variant:
                        description="var-digits tokenizer", bundled=WEIGHTS_DIR / "var_digits_vae.safetensors"),
         ),
         image_size=16,
-        # stage 1 ends with 400 flow-map regression updates: from there CSD reached digits-FID 130 (1,000 samples)
-        # at 400 updates and 119 at 600, vs 145 at 600 from the copy of ψ₀; 450 updates keep the run near 15 min
-        # (README, "Quality of the digits demo")
+        features="digits",
+        license="mit",  # trained by this project (examples/train_var_digits.py)
+        # stage 1 ends with a flow-map phase, which gives CSD a much better start than a copy of ψ₀; 450 CSD updates
+        # keep the CPU demo under 15 minutes (docs/experiments/digits.md)
         distill_defaults=deep_merge(CPU_DEMO_DEFAULTS, {"stage1": {"head_only_steps": 100},
                                                         "flow_init": {"steps": 400}, "stage2": {"steps": 450}}),
         options={"config": str(DIGITS_CONFIG), "stage1": DIGITS_STAGE1, "target": DIGITS_TARGET,

@@ -30,6 +30,7 @@ VARIANT = Variant(
     weights=(WeightFile(key="model", filename="raster_digits.safetensors",
                         description="raster transformer weights", bundled=WEIGHTS_FILE),),
     image_size=8,
+    features="digits",  # `dd2 eval --features auto` scores its samples with the digits classifier
     distill_defaults=CPU_DEMO_DEFAULTS,
 )
 

@@ -61,7 +61,8 @@ def test_spec_of_a_paper_size_teacher_on_meta():
         logits = t.logits(torch.zeros(2, 256, dtype=torch.long), torch.tensor([3, 1000]))
         f = LlamaGenBackbone(t.gpt, ContinuousInputAdapter(8, 768, 4096))(torch.randn(2, 256, 8), torch.tensor([3, 4]))
     spec = t.spec
-    assert (spec.num_tokens, spec.vocab_size, spec.latent_dim, spec.num_classes, spec.null_class) == (256, 16384, 8, 1000, 1000)
+    assert (spec.num_tokens, spec.vocab_size, spec.latent_dim, spec.num_classes, spec.null_class) == (
+        256, 16384, 8, 1000, 1000)
     assert spec.steps == tuple(range(256)) and spec.num_steps == 256 and spec.reads_ids
     assert spec.stage1 == SamplingSettings(cfg=2.0, top_k=8000, top_p=1.0)
     assert spec.target == SamplingSettings(cfg=2.0, top_k=900, top_p=1.0)

@@ -1,0 +1,26 @@
+"""Test setup of the `llamagen` family's tests: no entry-point autoloading, one torch thread.
+
+Self-contained (nothing from the host's `tests/`), so `pytest plugins/dd2_llamagen/tests` runs on its own.
+"""
+
+import os
+
+# Before dd2cli.plugins is used: each test registers the plugins it needs (`plugins.register_plugin`).
+os.environ["DD2_LOAD_PLUGINS"] = ""
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# Tiny models on a shared 2-core machine run many times faster on one thread.
+torch.set_num_threads(1)
+
+from dd2cli import plugins  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _fresh_plugins(monkeypatch):
+    """Every test starts with an empty plugin manager and registry."""
+    monkeypatch.setenv("DD2_LOAD_PLUGINS", "")
+    plugins.reset()
+    yield
+    plugins.reset()
