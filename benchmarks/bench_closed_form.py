@@ -173,7 +173,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--chunk", type=int, default=2048)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="B=4 (for CI: keeps the code alive)")
-    ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--json-out", default=None, help="also write the results here")
     ap.add_argument("--path", help=argparse.SUPPRESS)
     ap.add_argument("--mode", default="forward", help=argparse.SUPPRESS)
     ap.add_argument("--dump", help=argparse.SUPPRESS)
@@ -189,8 +189,8 @@ def main(argv=None) -> None:
         return
     results = run(args)
     print_table(results, args)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
 
 
 if __name__ == "__main__":

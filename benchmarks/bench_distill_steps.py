@@ -65,7 +65,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: CUDA autocast")
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--json-out", default=None)
     return ap
 
 
@@ -168,8 +168,8 @@ def main(argv=None) -> None:
         args.batch, args.repeats = 4, 2
     result = run(args)
     print_table(result, args.device)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), **result}, indent=2))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps({"args": vars(args), **result}, indent=2))
 
 
 if __name__ == "__main__":

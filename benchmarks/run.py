@@ -4,7 +4,7 @@
     python benchmarks/run.py --quick             # < 3 min on a 2-core CPU; CI runs it to keep the code alive
     python benchmarks/run.py --device cuda --precision bf16 [--compile]   # GPU: adds GPT-L, real VAR-d16 training
 
-Prints one table per section and writes everything as JSON (`--json`, default
+Prints one table per section and writes everything as JSON (`--json-out`, default
 benchmarks/results/latest.json). Ratios are what to compare; absolute times only mean something
 on a GPU. Sections (`--only`):
 
@@ -51,7 +51,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--train-config", default="", choices=["", "mini", "d16"], help="training-step teacher "
                     "(default: d16 on CUDA, mini on CPU)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    ap.add_argument("--json", default=str(HERE / "results" / "latest.json"), help="where to write the results")
+    ap.add_argument("--json-out", default=str(HERE / "results" / "latest.json"), help="where to write the results")
     return ap
 
 
@@ -95,7 +95,7 @@ def sampling(args) -> list[dict]:
             # 2. the tokenizer decode of a batch of tokens, timed on its own
             tokens = torch.randint(0, spec.vocab_size, (bs, spec.num_tokens), device=args.device)
 
-            def decode():
+            def decode(teacher=teacher, tokens=tokens):  # (bound now: the loop rebinds both)
                 with sampling_context(args.precision, args.device):
                     return teacher.decode(tokens)
 
@@ -201,7 +201,7 @@ def main(argv=None) -> None:
     if "closed-form" in sections:
         out["closed_form"] = closed_form(args)
     out["seconds"] = time.perf_counter() - t0
-    path = Path(args.json)
+    path = Path(args.json_out)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2))
     print(f"\n{out['seconds']:.0f} s; results written to {path}")

@@ -3,7 +3,8 @@
 This package's top level is everything a teacher plugin needs, and nothing deeper: a plugin writes
 `import dd2cli` (or `from dd2cli import ...`) and never imports a submodule. Importing it is cheap (no
 torch, no plugin loading): the names that need torch (`Teacher`, `Backbone`, `BundleParts`,
-`ModuleRecipe`, `bundle_factory`, `nearest_codebook`, `load_generator`) are imported on first use.
+`ModuleRecipe`, `bundle_factory`, `nearest_codebook`, `check_teacher`, `load_digits_dataset`,
+`load_generator`) are imported on first use.
 The command line is `dd2cli.cli`.
 """
 
@@ -37,6 +38,7 @@ from .version import __version__
 _LAZY = {
     "Teacher": "teacher", "Backbone": "teacher", "BundleParts": "teacher", "ModuleRecipe": "teacher",
     "bundle_factory": "teacher", "nearest_codebook": "teacher", "load_generator": "engine.bundle",
+    "check_teacher": "testing", "load_digits_dataset": "digits",
 }
 
 __all__ = [
@@ -50,6 +52,8 @@ __all__ = [
     # files: safetensors + JSON written atomically, foreign checkpoints read with weights_only=True
     "load_safetensors", "save_safetensors", "read_json", "write_json", "sha256_file", "fingerprint_file",
     "load_foreign_checkpoint", "check_state_dict", "load_state_dict_strict",
+    # checking a plugin's teacher against the contract; the digits of the CPU demo (train / held-out split)
+    "check_teacher", "load_digits_dataset",
     # using a bundle from Python
     "load_generator",
 ]

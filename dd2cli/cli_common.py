@@ -140,14 +140,7 @@ class RichProgress:
         self._done = 0
 
     def start(self, description: str, total: int, completed: int = 0, unit: str = "") -> None:
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
         self.stop()
         if not self._console.is_terminal:

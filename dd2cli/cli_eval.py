@@ -9,18 +9,7 @@ from typing import Callable, Optional
 import typer
 from rich.table import Table
 
-from .cli_common import (
-    Features,
-    Precision,
-    Resize,
-    console,
-    handle_errors,
-    parse_weights,
-    progress_for,
-    say,
-    set_threads,
-    state,
-)
+from .cli_common import Features, Precision, Resize, console, handle_errors, parse_weights, progress_for, say, set_threads, state
 from .errors import DD2Error
 
 _FORMAT = {"fid": ("FID", "{:.3f}"), "sfid": ("sFID", "{:.3f}"), "is": ("IS", "{:.2f}"),

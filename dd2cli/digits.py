@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import DD2Error
+from .files import load_safetensors
 
 NUM_CLASSES = 10
 SPLIT_SEED = 20251027
@@ -106,8 +107,6 @@ class DigitsClassifier(nn.Module):
 
 def load_digits_classifier(path: str | Path | None = None, device: str = "cpu") -> DigitsClassifier:
     """The shipped classifier (eval mode, no grads)."""
-    from .files import load_safetensors
-
     path = Path(path) if path is not None else CLASSIFIER_PATH
     if not path.is_file():
         raise DD2Error(

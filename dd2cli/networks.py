@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from .heads import MLPHead
-from .teacher import Backbone
+from .teacher import Backbone, nearest_codebook
 
 
 class ARDiffusion(nn.Module):
@@ -51,8 +51,6 @@ class ARDiffusion(nn.Module):
         Returns latents `(B, n, d)` (snapped to the nearest codebook entry after each step when
         `snap`, which is what an AR model conditioned on token ids expects).
         """
-        from .teacher import nearest_codebook
-
         B, N, d = labels_B.shape[0], steps_N.shape[0], codebook_Vd.shape[1]
         z = torch.zeros(B, N, d, device=labels_B.device)
         ts = torch.linspace(1.0, 0.0, euler_steps + 1, device=labels_B.device)

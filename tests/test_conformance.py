@@ -22,11 +22,7 @@ from typing import Callable
 import pytest
 import torch
 
-from dd2cli import plugins
-from dd2cli.errors import MissingWeightsError
-from dd2cli.files import write_json
-from dd2cli.teachers import Variant
-from dd2cli.testing import check_teacher
+from dd2cli import MissingWeightsError, Variant, check_teacher, plugins, write_json
 
 
 def _installed_registry() -> plugins.TeacherRegistry:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional
 
 import torch
-import torch.distributed as dist
+import torch.distributed as torch_dist
 
 from ..config import deep_merge, from_dict, load_settings, parse_override, to_dict
 from ..errors import ConfigError, DD2Error, Interrupted
@@ -30,14 +30,7 @@ from ..plugins import get_variant
 from ..settings import DistillSettings
 from ..teacher import Teacher
 from ..version import __version__
-from .checkpoint import (
-    Checkpoint,
-    append_metrics,
-    final_stage1_checkpoint,
-    latest_checkpoint,
-    save_checkpoint,
-    truncate_metrics,
-)
+from .checkpoint import Checkpoint, append_metrics, final_stage1_checkpoint, latest_checkpoint, save_checkpoint, truncate_metrics
 from .distributed import (
     DistInfo,
     average_gradients,
@@ -135,7 +128,7 @@ class _Run:
             return mine
 
         gathered: list = [None] * self.dist.world_size
-        dist.all_gather_object(gathered, {k: v.cpu() for k, v in mine.items()})
+        torch_dist.all_gather_object(gathered, {k: v.cpu() for k, v in mine.items()})
         out = dict(gathered[0])
         for r, states in enumerate(gathered[1:], start=1):
             out.update({f"r{r}.{k}": v for k, v in states.items()})

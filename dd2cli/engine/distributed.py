@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 
 @dataclass(frozen=True)
@@ -33,8 +34,6 @@ def init_from_env(device: str) -> DistInfo:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()
-    import torch.distributed as dist
-
     if not dist.is_initialized():
         backend = "nccl" if device.startswith("cuda") else "gloo"
         dist.init_process_group(backend=backend)
@@ -46,8 +45,6 @@ def broadcast_module(module: torch.nn.Module, info: DistInfo) -> None:
     """Make every rank start from rank 0's weights."""
     if not info.enabled:
         return
-    import torch.distributed as dist
-
     with torch.no_grad():
         for t in list(module.parameters()) + list(module.buffers()):
             dist.broadcast(t.data, src=0)
@@ -56,8 +53,6 @@ def broadcast_module(module: torch.nn.Module, info: DistInfo) -> None:
 def average_gradients(params, info: DistInfo) -> None:
     if not info.enabled:
         return
-    import torch.distributed as dist
-
     for p in params:
         if p.grad is not None:
             dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
@@ -67,8 +62,6 @@ def average_gradients(params, info: DistInfo) -> None:
 def average_scalar(value: float, info: DistInfo) -> float:
     if not info.enabled:
         return value
-    import torch.distributed as dist
-
     # NCCL reduces CUDA tensors only
     device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
     t = torch.tensor([value], dtype=torch.float64, device=device)
@@ -78,15 +71,11 @@ def average_scalar(value: float, info: DistInfo) -> float:
 
 def barrier(info: DistInfo) -> None:
     if info.enabled:
-        import torch.distributed as dist
-
         dist.barrier()
 
 
 def cleanup(info: DistInfo) -> None:
     if info.enabled:
-        import torch.distributed as dist
-
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -182,8 +171,6 @@ def clip_sharded_gradients(params, max_norm: float) -> float:
     The squared norms of the local shards are summed over ranks explicitly, so every rank scales by
     the same factor (what `clip_grad_norm_` computes on whole tensors: max_norm / (norm + 1e-6), at most 1).
     """
-    import torch.distributed as dist
-
     local = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in params]
     sq = torch.stack([g.detach().float().pow(2).sum() for g in local]).sum()
     dist.all_reduce(sq)

@@ -19,8 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from dd2_raster_digits.model import DEFAULT_CONFIG, NULL_CLASS, RasterModel, images_to_levels
-from dd2cli.digits import load_digits_dataset
-from dd2cli.files import save_safetensors
+from dd2cli import load_digits_dataset, save_safetensors
 
 DEFAULT_OUT = Path(__file__).parent / "src" / "dd2_raster_digits" / "weights" / "raster_digits.safetensors"
 

@@ -24,8 +24,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dd2cli import Backbone, BundleParts, DD2Error, ModuleRecipe, SamplingSettings, Teacher, TeacherSpec
+from dd2cli import (
+    Backbone,
+    BundleParts,
+    DD2Error,
+    ModuleRecipe,
+    SamplingSettings,
+    Teacher,
+    TeacherSpec,
+    check_state_dict,
+    fingerprint_file,
+    load_foreign_checkpoint,
+    load_safetensors,
+    read_json,
+    sha256_file,
+)
 
+from .adapt import adapt_teacher
 from .gpt import GPTConfig, LlamaGenGPT, Trunk
 from .vq import VQConfig, VQModel
 
@@ -397,8 +412,6 @@ class LlamaGenTeacher(Teacher):
     def adapt_continuous_input(self, *, steps: int, batch_size: int, lr: float, train_model: bool,
                                noise_std: float, generator: torch.Generator | None = None):
         """`dd2 distill`'s optional adaptation step (see `dd2_llamagen.adapt.adapt_teacher`)."""
-        from .adapt import adapt_teacher
-
         report = adapt_teacher(self, steps=steps, batch_size=batch_size, lr=lr, generator=generator,
                                train_model=train_model, noise_std=noise_std)
         return report.teacher, report.as_dict()
@@ -438,8 +451,6 @@ def _tensor_fingerprint(state: Mapping[str, Tensor]) -> str:
 
 def _materialise(module: nn.Module, state: Mapping[str, Tensor], *, variant: str, file: str) -> None:
     """Strict key/shape check, then assign the tensors into a meta-device module (no double memory)."""
-    from dd2cli import check_state_dict
-
     check_state_dict(module, state, variant=variant, file=file)
     state = {k: (v.float() if v.is_floating_point() and v.dtype != torch.float32 else v) for k, v in state.items()}
     module.load_state_dict(state, strict=True, assign=True)
@@ -463,8 +474,6 @@ def load_from_checkpoints(gpt_path: str | Path, vq_path: str | Path, gpt_cfg: GP
                           vq_cfg: VQConfig | None = None, *, variant: str, device: str = "cpu",
                           fingerprint: bool = True, **teacher_kwargs) -> LlamaGenTeacher:
     """Official `.pt` files (weights under "model", or a bare FSDP state dict), loaded strictly."""
-    from dd2cli import fingerprint_file, load_foreign_checkpoint
-
     gpt_state = load_foreign_checkpoint(gpt_path, what=f"{variant} GPT checkpoint")
     vq_state = load_foreign_checkpoint(vq_path, what=f"{variant} VQ tokenizer checkpoint")
     ids = {"gpt": fingerprint_file(gpt_path), "vq": fingerprint_file(vq_path)} if fingerprint else {}
@@ -492,8 +501,6 @@ def _config_from_json(meta: Mapping) -> tuple[GPTConfig, VQConfig, dict]:
 
 def load_bundled_variant(variant, weight_paths: Mapping[str, Path], device: str) -> LlamaGenTeacher:
     """`Variant.loader` for dd2-trained safetensors weights (+ the JSON config named in options)."""
-    from dd2cli import load_safetensors, read_json, sha256_file
-
     # a retrained copy passed with --weights carries its own config next to it
     config = Path(weight_paths["gpt"]).with_name(Path(variant.options["config"]).name)
     meta = read_json(config if config.is_file() else Path(variant.options["config"]))

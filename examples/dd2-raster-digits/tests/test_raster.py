@@ -13,10 +13,7 @@ import pytest
 import torch
 
 import dd2_raster_digits
-from dd2cli import plugins
-from dd2cli.digits import load_digits_dataset
-from dd2cli.teachers import SamplingSettings
-from dd2cli.testing import check_teacher
+from dd2cli import SamplingSettings, check_teacher, load_digits_dataset, plugins
 
 
 @pytest.fixture(scope="module")

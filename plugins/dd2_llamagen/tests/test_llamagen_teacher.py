@@ -8,9 +8,7 @@ from dd2_llamagen import digits_variant
 from dd2_llamagen.gpt import GPTConfig, LlamaGenGPT
 from dd2_llamagen.teacher import ContinuousInputAdapter, LlamaGenBackbone, LlamaGenTeacher, fit_input_adapter
 from dd2_llamagen.vq import VQConfig, VQModel
-from dd2cli.errors import DD2Error
-from dd2cli.teachers import SamplingSettings
-from dd2cli.testing import check_teacher
+from dd2cli import DD2Error, SamplingSettings, check_teacher
 
 
 def _mini_teacher(seed=0, vocab=64, **kw):
@@ -231,7 +229,7 @@ def test_backbone_reproduces_teacher_features_on_codebook_inputs(digits):
 # ---- images ----------------------------------------------------------------------------------------
 
 def test_decode_encode_round_trip_on_digits(digits):
-    from dd2cli.digits import load_digits_dataset
+    from dd2cli import load_digits_dataset
 
     images, _ = load_digits_dataset(16, "heldout")
     ids = digits.encode(images[:32])

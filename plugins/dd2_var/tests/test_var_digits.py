@@ -5,10 +5,8 @@ import pytest
 import torch
 
 import dd2_var
-from dd2cli import plugins
-from dd2cli.digits import load_digits_classifier, load_digits_dataset
-from dd2cli.files import read_json
-from dd2cli.testing import check_teacher
+from dd2cli import check_teacher, load_digits_dataset, plugins, read_json
+from dd2cli.digits import load_digits_classifier
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,7 @@ from dd2_var.config import VARConfig, VQVAEConfig
 from dd2_var.model import VAR
 from dd2_var.teacher import build_official, infer_depth, load_checkpoints
 from dd2_var.vqvae import VQVAE
-from dd2cli import plugins
-from dd2cli.errors import CheckpointMismatchError, FileFormatError, MissingWeightsError
+from dd2cli import CheckpointMismatchError, FileFormatError, MissingWeightsError, plugins
 
 MINI_VAR = VARConfig(depth=2, width=128, num_heads=2, num_classes=10, vocab_size=64, z_channels=8, patch_nums=(1, 2, 4))
 MINI_VAE = VQVAEConfig(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, patch_nums=(1, 2, 4))
@@ -126,7 +125,7 @@ def test_pickled_code_is_refused(tmp_path, mini_files):
 
 def test_broken_bundled_config_is_a_file_format_error(mini_files, tmp_path):
     from dd2_var.teacher import build_bundled
-    from dd2cli.files import write_json
+    from dd2cli import write_json
 
     paths, _, _ = mini_files
     write_json(tmp_path / "cfg.json", {"var": {**MINI_VAR.to_dict(), "depht": 3}, "vae": MINI_VAE.to_dict()})

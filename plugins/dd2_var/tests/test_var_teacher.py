@@ -8,9 +8,7 @@ from dd2_var.config import VARConfig, VQVAEConfig, vae_config, var_config
 from dd2_var.model import VAR
 from dd2_var.teacher import VarBackbone, VarTeacher, filter_logits, new_teacher
 from dd2_var.vqvae import VQVAE, split_scales
-from dd2cli.errors import DD2Error
-from dd2cli.teachers import SamplingSettings
-from dd2cli.testing import check_teacher
+from dd2cli import DD2Error, SamplingSettings, check_teacher
 
 MINI_VAR = VARConfig(depth=2, width=128, num_heads=2, num_classes=10, vocab_size=64, z_channels=8, patch_nums=(1, 2, 4))
 MINI_VAE = VQVAEConfig(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, patch_nums=(1, 2, 4))
