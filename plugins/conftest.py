@@ -1,6 +1,6 @@
-"""Test setup of the `var` family's tests: no entry-point autoloading, one torch thread.
+"""Test setup of the first-party families' tests (`plugins/*/tests`): no entry-point autoloading, one torch thread.
 
-Self-contained (nothing from the host's `tests/`), so `pytest plugins/dd2_var/tests` runs on its own.
+Nothing here comes from the host's `tests/`, so `pytest plugins/dd2_var/tests` runs on its own.
 """
 
 import os
