@@ -20,6 +20,7 @@ from .errors import (
 )
 from .files import (
     check_state_dict,
+    expected_shapes,
     fingerprint_file,
     load_foreign_checkpoint,
     load_safetensors,
@@ -38,7 +39,8 @@ from .version import __version__
 _LAZY = {
     "Teacher": "teacher", "Backbone": "teacher", "BundleParts": "teacher", "ModuleRecipe": "teacher",
     "bundle_factory": "teacher", "nearest_codebook": "teacher", "load_generator": "engine.bundle",
-    "check_teacher": "testing", "load_digits_dataset": "digits",
+    "check_teacher": "testing", "check_sampler": "testing", "load_digits_dataset": "digits",
+    "load_digits_classifier": "digits",
 }
 
 __all__ = [
@@ -53,7 +55,7 @@ __all__ = [
     "load_safetensors", "save_safetensors", "read_json", "write_json", "sha256_file", "fingerprint_file",
     "load_foreign_checkpoint", "check_state_dict", "load_state_dict_strict",
     # checking a plugin's teacher against the contract; the digits of the CPU demo (train / held-out split)
-    "check_teacher", "load_digits_dataset",
+    "check_teacher", "check_sampler", "expected_shapes", "load_digits_dataset", "load_digits_classifier",
     # using a bundle from Python
     "load_generator",
 ]

@@ -159,3 +159,14 @@ def test_download_only_variant_without_weights_is_one_clear_error(installed, tmp
     assert f"'{name}'" in message and missing.filename in message and f"--weights {missing.key}=PATH" in message
     if missing.url:
         assert missing.url in message
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY.variants))
+def test_distill_defaults_are_valid_engine_settings(name):
+    from dd2cli.config import load_settings
+    from dd2cli.settings import DistillSettings
+
+    variant = REGISTRY.variants[name]
+    settings = load_settings(DistillSettings, base=dict(variant.distill_defaults))  # unknown keys, types, ranges
+    settings.validate()
+    assert variant.features in ("inception", "digits")

@@ -7,8 +7,7 @@ from dd2_llamagen.adapt import adapt_teacher, agreement
 from dd2_llamagen.gpt import GPTConfig, LlamaGenGPT
 from dd2_llamagen.teacher import LlamaGenTeacher
 from dd2_llamagen.vq import VQConfig, VQModel
-from dd2cli import DD2Error, SamplingSettings
-from dd2cli.testing import check_sampler
+from dd2cli import DD2Error, SamplingSettings, check_sampler
 
 
 def _underfitted_teacher():

@@ -10,8 +10,7 @@ import dd2_llamagen
 from dd2_llamagen.gpt import GPTConfig, LlamaGenGPT
 from dd2_llamagen.teacher import load_from_checkpoints
 from dd2_llamagen.vq import VQConfig, VQModel
-from dd2cli import CheckpointMismatchError, FileFormatError, MissingWeightsError, check_state_dict, plugins
-from dd2cli.files import expected_shapes
+from dd2cli import CheckpointMismatchError, FileFormatError, MissingWeightsError, check_state_dict, expected_shapes, plugins
 
 MINI_GPT = GPTConfig(dim=64, n_layer=2, n_head=2, vocab_size=32, block_size=16, num_classes=10)
 MINI_VQ = VQConfig(codebook_size=32, ch=32, ch_mult=(1, 1, 2), z_channels=32, num_res_blocks=1)

@@ -5,8 +5,7 @@ import pytest
 import torch
 
 import dd2_var
-from dd2cli import check_teacher, load_digits_dataset, plugins, read_json
-from dd2cli.digits import load_digits_classifier
+from dd2cli import check_teacher, load_digits_classifier, load_digits_dataset, plugins, read_json
 
 
 @pytest.fixture(scope="module")

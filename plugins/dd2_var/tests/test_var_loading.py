@@ -153,13 +153,11 @@ def test_registration_lists_every_variant_with_official_files():
     assert all(w.bundled is not None for w in digits.weights)
 
 
-def test_distill_defaults_are_valid_engine_settings():
-    from dd2cli.config import load_settings
-    from dd2cli.settings import DistillSettings
-
+def test_distill_defaults_train_the_head_first():
+    # (that the defaults are valid engine settings is checked for every registered variant by the host's
+    # tests/test_conformance.py)
     for variant in dd2_var.family().variants:
-        settings = load_settings(DistillSettings, base=variant.distill_defaults)
-        assert settings.stage1.head_only_steps > 0  # VAR: head first, backbone frozen (paper App. C)
+        assert variant.distill_defaults["stage1"]["head_only_steps"] > 0  # VAR: head first (paper App. C)
 
 
 def test_missing_official_weights_name_the_file(tmp_path):

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from dd2_var.config import PATCH_NUMS_256, PATCH_NUMS_512, VARConfig, VQVAEConfig, vae_config, var_config
 from dd2_var.model import VAR, AdaLNSelfAttn, SelfAttention
 from dd2_var.vqvae import VQVAE, phi_index_table, split_scales
-from dd2cli.files import expected_shapes
+from dd2cli import expected_shapes
 
 MINI_VAR = VARConfig(depth=2, width=128, num_heads=2, num_classes=10, vocab_size=64, z_channels=8, patch_nums=(1, 2, 4))
 MINI_VAE = VQVAEConfig(vocab_size=64, z_channels=8, ch=32, patch_nums=(1, 2, 4))
