@@ -15,7 +15,7 @@ On the same batch it times (median of repeats) and measures peak memory of:
 - one guidance step (generator sample without grad, FCS loss, backward, step);
 - one generator step (generator with grad, teacher probabilities with CFG, closed-form score,
   guidance head, CSD loss, backward, step).
-Targets (issue 3): generator step ≤ 2.5×, guidance step ≤ 1.6× the backbone baseline.
+Targets: generator step ≤ 2.5×, guidance step ≤ 1.6× the backbone baseline.
 """
 
 from __future__ import annotations

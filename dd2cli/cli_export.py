@@ -19,7 +19,9 @@ def export(
     generator: GeneratorWeights = typer.Option(GeneratorWeights.ema, "--generator", help="Which generator of the "
                                                "run: the EMA weights or the raw trained ones."),
     format_: ExportFormat = typer.Option(ExportFormat.safetensors, "--format", help="safetensors, or pt2 to also write "
-                                "generator.pt2 (a torch.export program that runs without dd2)."),
+                                "generator.pt2 (a torch.export program that runs without dd2; loading a .pt2 runs "
+                                "code, so only load one from a trusted source: the safetensors files are the safe "
+                                "way to share a generator)."),
 ) -> None:
     """Export a run's one-step generator as a self-contained bundle (weights, decoder, codebook, model card).
 

@@ -192,4 +192,7 @@ class Family:
     name: str
     description: str
     variants: tuple[Variant, ...]
+    #: the `"module:function"` names of the plugin's `@bundle_factory` functions (what its teachers'
+    #: `bundle_parts` name): loading a bundle of this family calls these and nothing else a file names
+    bundle_factories: tuple[str, ...] = ()
     plugin: str = ""  # filled in by the registry: the plugin that registered it

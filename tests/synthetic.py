@@ -236,4 +236,5 @@ class SyntheticPlugin:
 
     @hookimpl
     def dd2_register_teachers(self, register):
-        register(Family(name="synthetic", description="exact-joint test teachers", variants=SYNTHETIC_VARIANTS))
+        register(Family(name="synthetic", description="exact-joint test teachers", variants=SYNTHETIC_VARIANTS,
+                        bundle_factories=("synthetic:build_bundle_backbone", "synthetic:build_bundle_decoder")))

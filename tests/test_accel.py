@@ -1,4 +1,4 @@
-"""Sampling options of issue 9: `--precision` (bf16 refused off CUDA) and `--compile`, and the
+"""Sampling options: `--precision` (bf16 refused off CUDA) and `--compile`, and the
 benchmarks' token-only timing path."""
 
 import pytest

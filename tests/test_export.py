@@ -303,6 +303,14 @@ def bundle(synthetic_run, tmp_path) -> Path:
     return tmp_path / "bundle"
 
 
+def _resign(bundle: Path) -> None:
+    """Record the content hash of the bundle's files as they are now (what a crafted bundle would carry)."""
+    from dd2cli.engine.bundle import content_hash
+
+    marker = json.loads((bundle / "bundle.json").read_text())
+    (bundle / "bundle.json").write_text(json.dumps({**marker, "content_sha256": content_hash(bundle)}))
+
+
 def _error(path: Path, kind: type) -> str:
     with pytest.raises(kind) as info:
         load_bundle(path)
@@ -332,13 +340,15 @@ def test_weights_that_do_not_match_the_config(bundle):
     tensors, meta = load_safetensors(bundle / "generator.safetensors")
     key = "model.head.out.weight"
     save_safetensors(bundle / "generator.safetensors", {k: v for k, v in tensors.items() if k != key}, meta)
+    _resign(bundle)  # (past the content hash: the checks a crafted bundle meets next)
     assert f"Key '{key}' is missing" in _error(bundle, CheckpointMismatchError)
     tensors[key] = torch.zeros(5, 5)
     save_safetensors(bundle / "generator.safetensors", tensors, meta)
+    _resign(bundle)
     assert f"Key '{key}'" in _error(bundle, CheckpointMismatchError)
     config = json.loads((bundle / "config.json").read_text())
     config["head"]["width"] = 48  # the config, not the file, is wrong: still the first mismatching key
-    (bundle / "config.json").write_text(json.dumps(config))
+    _rewrite_config(bundle, config)
     assert "model.head" in _error(bundle, CheckpointMismatchError)
 
 
@@ -346,32 +356,80 @@ def test_truncated_and_corrupted_safetensors(bundle):
     path = bundle / "generator.safetensors"
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
+    _resign(bundle)
     assert "truncated or corrupted" in _error(bundle, FileFormatError)
     flipped = bytearray(data)
     flipped[-10] ^= 0xFF
     path.write_bytes(bytes(flipped))
+    _resign(bundle)
     assert "is corrupted" in _error(bundle, FileFormatError)
+
+
+def _rewrite_config(bundle: Path, config: dict) -> None:
+    """Change config.json and re-sign the bundle, as someone crafting a bundle would (the hash is no secret)."""
+    (bundle / "config.json").write_text(json.dumps(config))
+    _resign(bundle)
 
 
 def test_unknown_factory_and_cli_errors(bundle, tmp_path):
     config = json.loads((bundle / "config.json").read_text())
-    config["decoder"]["factory"] = "os:system"  # outside the family's plugin: never imported, never called
-    (bundle / "config.json").write_text(json.dumps(config))
-    assert "is not part of its teacher family's plugin ('synthetic')" in _error(bundle, BundleError)
-    config["decoder"]["factory"] = "synthetic:SyntheticPlugin"  # inside, but not a bundle factory
-    (bundle / "config.json").write_text(json.dumps(config))
-    assert "is not a dd2 bundle factory" in _error(bundle, BundleError)
-    config["decoder"]["factory"] = "synthetic.nonexistent:build"
-    (bundle / "config.json").write_text(json.dumps(config))
-    assert "needs the Python module 'synthetic.nonexistent'" in _error(bundle, BundleError)
+    for factory in ("os:system", "synthetic:SyntheticPlugin", "synthetic.nonexistent:build", None):
+        config["decoder"]["factory"] = factory  # none of them declared by the family: never imported or called
+        _rewrite_config(bundle, config)
+        assert "is not one of the bundle factories the installed 'synthetic' plugin declares" in _error(
+            bundle, BundleError)
     res = runner.invoke(app, ["sample", "--from", str(bundle), "-n", "2", "--out", str(tmp_path / "o")])
-    assert res.exit_code == 2 and "synthetic.nonexistent" in res.output and "Traceback" not in res.output
+    assert res.exit_code == 2 and "bundle factories" in plain(res.output) and "Traceback" not in res.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_declared_factory_must_be_marked(bundle, monkeypatch):
+    import dataclasses
+
+    config = json.loads((bundle / "config.json").read_text())
+    config["decoder"]["factory"] = "synthetic:SyntheticPlugin"
+    _rewrite_config(bundle, config)
+    reg = plugins.registry()
+    family = reg.families["synthetic"]
+    monkeypatch.setitem(reg.families, "synthetic", dataclasses.replace(
+        family, bundle_factories=(*family.bundle_factories, "synthetic:SyntheticPlugin")))
+    assert "is not a dd2 bundle factory" in _error(bundle, BundleError)
+
+
+def test_a_bundle_that_names_code_of_its_own_runs_none_of_it(bundle, tmp_path):
+    """A module shipped in the bundle folder (or any module) named by config.json is never imported."""
+    marker = tmp_path / "payload-ran"
+    (bundle / "payload.py").write_text(f"open({str(marker)!r}, 'w').write('x')\n"
+                                       "def build(config):\n    raise SystemExit\n")
+    config = json.loads((bundle / "config.json").read_text())
+    config["backbone"]["factory"] = "payload:build"
+    _rewrite_config(bundle, config)
+    with pytest.raises(BundleError, match="bundle factories"):
+        dd2cli.load_generator(bundle)
+    res = runner.invoke(app, ["sample", "--from", str(bundle), "-n", "2", "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "bundle factories" in plain(res.output)
+    # `python -m dd2cli` with the working directory, here the bundle folder, first on the import path (runpy is
+    # what `-m` runs; the test family is registered first, as an installed plugin would be)
+    code = ("import runpy, sys; sys.path.insert(1, sys.argv[1]); from dd2cli import plugins; "
+            "from synthetic import SyntheticPlugin; plugins.register_plugin(SyntheticPlugin(), name='synthetic'); "
+            "sys.argv = ['dd2', 'sample', '--from', '.', '-n', '2', '--out', sys.argv[2]]; "
+            "runpy.run_module('dd2cli', run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent), str(tmp_path / "p")], cwd=bundle,
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "DD2_LOAD_PLUGINS": ""})
+    assert proc.returncode == 2 and "bundle factories" in plain(proc.stderr), proc.stderr
+    assert not marker.exists() and not (tmp_path / "p").exists()
+
+
+def test_a_bundle_whose_files_were_changed_is_refused(bundle):
+    tensors, meta = load_safetensors(bundle / "generator.safetensors")
+    save_safetensors(bundle / "generator.safetensors", {k: torch.zeros_like(v) for k, v in tensors.items()}, meta)
+    assert "do not match the content hash" in _error(bundle, BundleError)
 
 
 def test_a_bundle_whose_family_is_not_installed_or_left_out_is_refused(bundle, tmp_path, monkeypatch):
     config = json.loads((bundle / "config.json").read_text())
     assert config["family"] == "synthetic"
-    (bundle / "config.json").write_text(json.dumps({**config, "plugin_package": "dd2-synthetic"}))
+    _rewrite_config(bundle, {**config, "plugin_package": "dd2-synthetic"})
     plugins.reset()  # nothing registered: the family is not installed here
     message = _error(bundle, BundleError)
     assert "teacher family 'synthetic', which is not installed" in message
@@ -484,4 +542,4 @@ def test_pt2_programs_match_the_run(family, request, tmp_path):
     pt2 = json.loads((r["bundle"] / "config.json").read_text())["pt2"]
     assert pt2["batch"] == "dynamic" and pt2["torch_version"] == torch.__version__
     card = (r["bundle"] / "README.md").read_text()
-    assert "torch.export.load" in card and "any batch size" in card
+    assert "torch.export.load" in card and "any batch size" in card and "Loading a `.pt2` file runs code" in card

@@ -130,7 +130,7 @@ def test_timesteps_in_range(kind):
 
 @pytest.mark.parametrize("sparse", [False, True])
 def test_memory_lean_gradient_equals_plain_autograd_in_float64(sparse):
-    """Issue 9's proof of identical results: the chunked custom backward (and its top-k support
+    """Proof of identical results: the chunked custom backward (and its top-k support
     variant) against plain autograd through the dense formula, both in float64, on training-like
     inputs (x_t built from codebook vectors drawn from p, t down to 0.01 where 1/t² is large)."""
     g = torch.Generator().manual_seed(3)

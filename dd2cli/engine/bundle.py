@@ -17,6 +17,7 @@ only `@bundle_factory` functions inside that plugin's package to rebuild the bac
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import os
 from pathlib import Path
@@ -27,11 +28,11 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from ..errors import CheckpointMismatchError, DD2Error, FileFormatError
-from ..files import check_state_dict, load_safetensors, read_json
+from ..files import check_state_dict, load_safetensors, read_json, sha256_file
 from ..networks import Generator, build_model
 from ..plugins import LOAD_ENV, registry
 from ..teacher import nearest_codebook
-from ..teachers import SamplingSettings, TeacherSpec
+from ..teachers import Family, SamplingSettings, TeacherSpec
 from ..version import __version__
 
 BUNDLE_FORMAT = "dd2-generator-bundle"
@@ -51,11 +52,11 @@ class BundleVersionError(BundleError):
     """A bundle written by a newer dd2 (a bundle format this version cannot read)."""
 
 
-def family_package(config: Mapping[str, Any]) -> str:
-    """The Python package of the plugin that provides the bundle's teacher family, found through the registry.
+def bundle_family(config: Mapping[str, Any]) -> Family:
+    """The teacher family that made the bundle, found through the plugin registry by its name alone.
 
     The registry is the only way in: a family that is not installed, or that `DD2_LOAD_PLUGINS` leaves out, is
-    refused here, before any module named in the bundle is imported.
+    refused here, before anything the bundle names is imported.
     """
     family = config.get("family")
     if not isinstance(family, str) or not family:
@@ -69,28 +70,39 @@ def family_package(config: Mapping[str, Any]) -> str:
                     else "")
         raise BundleError(f"The bundle was made from teacher family '{family}', which is not installed{excluded}; "
                           f"{remedy} to load it (see 'dd2 plugins').")
-    return reg.packages[family]
+    return reg.families[family]
 
 
-def _resolve_factory(text: Any, what: str, package: str) -> Callable[[dict], nn.Module]:
-    """The `@bundle_factory` function `module:function` named by the bundle, from inside `package` only."""
-    module_name, _, fn_name = str(text).partition(":")
-    if not module_name or not fn_name:
-        raise BundleError(f"The bundle's {what} factory '{text}' is not of the form module:function; its "
-                          f"config.json is damaged, export the bundle again.")
-    if module_name != package and not module_name.startswith(package + "."):
-        raise BundleError(f"The bundle's {what} factory '{text}' is not part of its teacher family's plugin "
-                          f"('{package}'); the bundle's config.json is damaged or was tampered with, do not load it.")
+def _resolve_factory(text: Any, what: str, family: Family) -> Callable[[dict], nn.Module]:
+    """The `@bundle_factory` that the bundle names for `what`, if the installed family declares it.
+
+    Only names the family registered (`Family.bundle_factories`) are ever imported: a config.json that names
+    anything else, a module shipped inside the bundle folder included, is refused without importing it.
+    """
+    if not isinstance(text, str) or text not in family.bundle_factories:
+        raise BundleError(f"The bundle's {what} factory {text!r} is not one of the bundle factories the installed "
+                          f"'{family.name}' plugin declares; the bundle's config.json is damaged or was tampered "
+                          f"with, do not load it.")
+    module_name, _, fn_name = text.partition(":")
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
         raise BundleError(f"The bundle's {what} needs the Python module '{module_name}' ('{exc.name}' is not "
-                          f"installed); install the dd2 teacher plugin that made the bundle.") from None
+                          f"installed); reinstall the '{family.name}' plugin.") from None
     fn = getattr(module, fn_name, None)
     if fn is None or not getattr(fn, "__dd2_bundle_factory__", False):
-        raise BundleError(f"'{text}' is not a dd2 bundle factory; the installed '{package}' plugin is a different "
-                          f"version from the one that made the bundle.")
+        raise BundleError(f"'{text}' is not a dd2 bundle factory; the installed '{family.name}' plugin declares a "
+                          f"function it does not provide or mark with @bundle_factory, report it.")
     return fn
+
+
+def content_hash(folder: Path) -> str:
+    """sha256 over the bundle's files (all but the marker and the model card), as recorded in `bundle.json`."""
+    h = hashlib.sha256()
+    for name in sorted(n for n in (CONFIG, GENERATOR, DECODER, CODEBOOK, SAMPLES, PT2) if (folder / n).is_file()):
+        h.update(name.encode())
+        h.update(sha256_file(folder / name).encode())
+    return h.hexdigest()
 
 
 def _check_version(value: Any, file: Path) -> None:
@@ -133,9 +145,9 @@ class _SkipInit(TorchFunctionMode):
 
 def build_skeleton(config: Mapping[str, Any]) -> tuple[Generator, nn.Module]:
     """Generator and decoder of a bundle config, built by the plugin's factories (weights not loaded)."""
-    package = family_package(config)
-    build_backbone = _resolve_factory(config["backbone"]["factory"], "backbone", package)
-    build_decoder = _resolve_factory(config["decoder"]["factory"], "decoder", package)
+    family = bundle_family(config)
+    build_backbone = _resolve_factory(config["backbone"]["factory"], "backbone", family)
+    build_decoder = _resolve_factory(config["decoder"]["factory"], "decoder", family)
     with _SkipInit():
         backbone = build_backbone(dict(config["backbone"]["config"]))
         h = config["head"]
@@ -155,7 +167,7 @@ def _adopt(module: nn.Module, state: Mapping[str, Tensor], *, what: str, file: P
                               f"not in {file.name}); the plugin's bundle factory is broken, report it.")
 
 
-def _read_config(path: Path) -> dict:
+def _read_config(path: Path, verify_content: bool = True) -> dict:
     if not path.is_dir():
         raise BundleError(f"{path} is not a folder; pass the folder written by 'dd2 export'.")
     if not (path / MARKER).is_file():
@@ -177,13 +189,19 @@ def _read_config(path: Path) -> dict:
     if missing:
         raise BundleError(f"{path / CONFIG} lacks the '{missing[0]}' entry; the file is damaged, export the bundle "
                           f"again.")
+    if verify_content and marker.get("content_sha256") != content_hash(path):
+        raise BundleError(f"The files of bundle {path} do not match the content hash in its {MARKER} (a file was "
+                          f"changed, replaced or removed after export); do not use it, export the bundle again.")
     return config
 
 
-def load_bundle(path: str | os.PathLike, device: str = "cpu") -> "BundleGenerator":
-    """Load an exported bundle as a `BundleGenerator` (fp32) on `device`; no run directory or teacher needed."""
+def load_bundle(path: str | os.PathLike, device: str = "cpu", *, verify_content: bool = True) -> "BundleGenerator":
+    """Load an exported bundle as a `BundleGenerator` (fp32) on `device`; no run directory or teacher needed.
+
+    The files must match the content hash `dd2 export` recorded (`verify_content=False` only while exporting).
+    """
     path = Path(path)
-    config = _read_config(path)
+    config = _read_config(path, verify_content)
     try:
         spec = spec_from_config(config)
         generator, decoder = build_skeleton(config)

@@ -9,7 +9,6 @@ never leaves a bundle that looks complete.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import math
 import os
@@ -18,14 +17,14 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Optional, Sequence
+from typing import Mapping, Optional
 
 import torch
 from torch import Tensor, nn
 
 from ..config import from_dict
 from ..errors import DD2Error
-from ..files import fingerprint_file, read_json, save_safetensors, sha256_file, write_json
+from ..files import fingerprint_file, read_json, save_safetensors, write_json
 from ..heads import head_config
 from ..networks import Generator
 from ..plugins import distribution_of, registry
@@ -44,6 +43,7 @@ from .bundle import (
     PT2,
     SAMPLES,
     BundleGenerator,
+    content_hash,
     load_bundle,
 )
 from .model_card import model_card
@@ -157,14 +157,6 @@ def _last_losses(run_dir: Path) -> dict:
         if stage in (1, 2) and losses:
             out[f"stage{stage}"] = {"step": rec.get("step"), **losses}
     return out
-
-
-def _content_hash(folder: Path, names: Sequence[str]) -> str:
-    h = hashlib.sha256()
-    for name in sorted(names):
-        h.update(name.encode())
-        h.update(sha256_file(folder / name).encode())
-    return h.hexdigest()
 
 
 def _check_images(teacher, run_gen: Generator, bundle: BundleGenerator) -> float:
@@ -301,7 +293,7 @@ def export(req: ExportRequest, progress: Progress | None = None) -> ExportResult
         bundle = None
         if req.verify or req.format == "pt2":
             progress.message("Checking the bundle against the run")
-            bundle = load_bundle(tmp, "cpu")
+            bundle = load_bundle(tmp, "cpu", verify_content=False)  # (the hash is written last)
             result.check_max_abs_diff = _check_images(teacher, generator, bundle)
             if req.dtype == "fp32" and not result.check_max_abs_diff <= FP32_TOLERANCE:
                 raise DD2Error(f"The exported bundle does not reproduce the run's images (max pixel difference "
@@ -325,7 +317,7 @@ def export(req: ExportRequest, progress: Progress | None = None) -> ExportResult
         card = model_card(config, sizes, _eval_records(run_dir), _last_losses(run_dir), out.name)
         (tmp / CARD).write_text(card)
         write_json(tmp / MARKER, {"format": BUNDLE_FORMAT, "version": BUNDLE_VERSION, "teacher": info["teacher"],
-                                  "content_sha256": _content_hash(tmp, names)})
+                                  "content_sha256": content_hash(tmp)})
         if out.exists():
             check_empty_out(out)  # still empty: nothing else wrote there meanwhile
             out.rmdir()

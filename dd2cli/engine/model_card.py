@@ -140,7 +140,11 @@ def model_card(config: Mapping[str, Any], sizes: Mapping[str, int], evals: Seque
                   f"noise = torch.randn(2, {spec['num_tokens']}, {spec['latent_dim']})",
                   f"images = program(labels, noise)  # uint8 (2, {spec['image_size']}, {spec['image_size']}, 3)",
                   "```", "", "The program holds its own fp32 copy of the weights, on the CPU; it was exported with "
-                  f"PyTorch {pt2_info.get('torch_version')} (load it with that version or a newer one).", ""]
+                  f"PyTorch {pt2_info.get('torch_version')} (load it with that version or a newer one).", "",
+                  "**Loading a `.pt2` file runs code.** Load `generator.pt2` only if you trust where this bundle "
+                  "came from; the safetensors files with `dd2cli.load_generator` are the safe way to use a "
+                  "generator from elsewhere (they hold tensors only, and dd2 checks them against the content hash "
+                  "in `bundle.json`).", ""]
     return "\n".join(lines)
 
 

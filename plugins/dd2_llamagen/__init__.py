@@ -93,6 +93,7 @@ FAMILY = Family(
     name="llamagen",
     description="LlamaGen class-conditional GPTs (FoundationVision/LlamaGen) with the VQ-16 tokenizer",
     variants=official_variants() + (digits_variant(),),
+    bundle_factories=("dd2_llamagen.export:build_backbone", "dd2_llamagen.export:build_decoder"),
 )
 
 

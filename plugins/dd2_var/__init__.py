@@ -106,6 +106,7 @@ def family() -> Family:
         name="var",
         description="VAR: visual auto-regressive modelling by next-scale prediction (FoundationVision/VAR)",
         variants=(_official(16), _official(20), _official(24), _official(30), _official(36), _digits()),
+        bundle_factories=("dd2_var.export:build_backbone", "dd2_var.export:build_decoder"),
     )
 
 

@@ -38,6 +38,8 @@ FAMILY = Family(
     name="raster",
     description="Example third-party family: raster-order pixel AR model (dd2-raster-digits)",
     variants=(VARIANT,),
+    # what `RasterTeacher.bundle_parts` names: the only functions a bundle of this family may call
+    bundle_factories=("dd2_raster_digits.model:build_bundle_backbone", "dd2_raster_digits.model:build_bundle_decoder"),
 )
 
 
