@@ -30,6 +30,11 @@ class State:
 state = State()
 
 
+def show(text: str) -> None:
+    """A result line on stdout; `text` is plain text (paths may hold brackets), never markup."""
+    console.print(text, highlight=False, markup=False, soft_wrap=True)
+
+
 def say(text: str, style: str | None = None) -> None:
     """A line for a person on stderr, unless --quiet; `text` is plain text, never markup."""
     if not state.quiet:

@@ -7,9 +7,10 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
-from .cli_common import Stage, console, handle_errors, parse_weights, progress_for, say, state
+from .cli_common import Stage, console, handle_errors, parse_weights, progress_for, say, show, state
 from .config import describe
 from .files import read_json
 from .settings import DistillSettings
@@ -45,7 +46,7 @@ def distill(
         for col in ("key", "type", "default", "meaning"):
             table.add_column(col, overflow="fold")
         for key, tp, default, help_ in describe(DistillSettings):
-            table.add_row(key, tp, repr(default), help_)
+            table.add_row(key, escape(tp), escape(repr(default)), escape(help_))
         console.print(table)
         return
     req = DistillRequest(teacher=teacher, weights=parse_weights(weights), config=config, overrides=tuple(set_),
@@ -56,9 +57,9 @@ def distill(
         say(f"Run directory: {run_dir} (teacher {info['teacher']})")
 
     result = run(req, progress=progress, on_ready=ready)
-    console.print(f"Done: {result.run_dir}", highlight=False)
+    show(f"Done: {result.run_dir}")
     if result.grid is not None:
-        console.print(f"Sample grid: {result.grid}", highlight=False)
+        show(f"Sample grid: {result.grid}")
     if stage != Stage.one:  # (after stage 1 alone there is no generator to score yet)
         _quality_table(result.run_dir, device, result.threads)
 
@@ -80,8 +81,8 @@ def _quality_table(run_dir: Path, device: Optional[str], threads: int = 0) -> No
 
     with torch_threads(threads):  # what the run used
         rows = quality_report(run_dir, n, device=device or settings.get("device", "auto"), on_message=note)
-    table = Table(title=f"Quality on {n} balanced samples (digits features; dd2 eval all --features digits "
-                        f"{run_dir}/quality/*)")
+    table = Table(title=escape(f"Quality on {n} balanced samples (digits features; dd2 eval all --features digits "
+                               f"{run_dir}/quality/*)"))
     for col in ("sampler", "digits-FID", "precision", "recall", "class-consistency", "images/s"):
         table.add_column(col, justify="left" if col == "sampler" else "right")
     for r in rows:
@@ -90,4 +91,4 @@ def _quality_table(run_dir: Path, device: Optional[str], threads: int = 0) -> No
                       f"{m.get('recall', float('nan')):.3f}", f"{m.get('class_consistency', float('nan')):.3f}",
                       f"{r.images_per_s:.0f}")
     console.print(table)
-    console.print(f"Written: {run_dir / 'quality.json'}", highlight=False)
+    show(f"Written: {run_dir / 'quality.json'}")

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from .cli_common import Features, Precision, Resize, console, handle_errors, parse_weights, progress_for, say, set_threads, state
@@ -32,7 +33,7 @@ def _print_results(results, as_json: bool) -> None:
         return
     keys = [k for k in _FORMAT if any(k in r.metrics for r in results)]
     first = results[0]
-    title = f"dd2 eval ({first.features} features, reference {first.reference})"
+    title = escape(f"dd2 eval ({first.features} features, reference {first.reference})")  # (paths are not markup)
     table = Table(title=title)
     table.add_column("samples", overflow="fold")
     table.add_column("source")
@@ -40,7 +41,7 @@ def _print_results(results, as_json: bool) -> None:
     for k in keys:
         table.add_column(_FORMAT[k][0], justify="right")
     for r in results:
-        table.add_row(_short(r.samples), r.source or "-", str(r.count),
+        table.add_row(escape(_short(r.samples)), escape(r.source or "-"), str(r.count),
                       *[_FORMAT[k][1].format(r.metrics[k]) if k in r.metrics else "-" for k in keys])
     console.print(table)
     for path in dict.fromkeys(r.json_path for r in results if r.json_path is not None):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from .cli_common import DType, ExportFormat, GeneratorWeights, console, handle_errors, progress_for, state
+from .cli_common import DType, ExportFormat, GeneratorWeights, handle_errors, progress_for, show, state
 
 
 @handle_errors
@@ -33,16 +33,14 @@ def export(
 
     result = run_export(ExportRequest(run_dir=run_dir, out=out, dtype=dtype.value, weights=generator.value,
                                       format=format_.value), progress=progress_for(state.quiet))
-    console.print(f"Bundle: {result.out} ({human_size(sum(result.files.values()))}, teacher {result.teacher}, "
-                  f"{generator.value} weights as {dtype.value})", highlight=False)
+    show(f"Bundle: {result.out} ({human_size(sum(result.files.values()))}, teacher {result.teacher}, "
+                  f"{generator.value} weights as {dtype.value})")
     if not state.quiet:
         for name, size in result.files.items():
-            console.print(f"  {name:24s} {human_size(size):>10s}", highlight=False)
+            show(f"  {name:24s} {human_size(size):>10s}")
         if result.check_max_abs_diff is not None:
-            console.print(f"Check: max pixel difference to the run's images {result.check_max_abs_diff:.3g}",
-                          highlight=False)
+            show(f"Check: max pixel difference to the run's images {result.check_max_abs_diff:.3g}")
         if result.pt2_batch is not None:
             batch = "any batch size" if result.pt2_batch == "dynamic" else f"batch size {result.pt2_batch} only"
-            console.print(f"generator.pt2 takes {batch}", highlight=False)
-        console.print(f"Sample it: dd2 sample --from {result.out}\nIn Python: dd2cli.load_generator(\"{result.out}\")",
-                      highlight=False)
+            show(f"generator.pt2 takes {batch}")
+        show(f"Sample it: dd2 sample --from {result.out}\nIn Python: dd2cli.load_generator(\"{result.out}\")")

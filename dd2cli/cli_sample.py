@@ -11,12 +11,12 @@ from .cli_common import (
     Baseline,
     GeneratorWeights,
     Precision,
-    console,
     handle_errors,
     parse_weights,
     progress_for,
     say,
     set_threads,
+    show,
     state,
 )
 
@@ -78,7 +78,7 @@ def sample(
     if result.manifest is None:
         return  # a rank other than 0 under torchrun: rank 0 reports
     speed = f", {result.images_per_s:.1f} images/s" if result.generated else ""
-    console.print(f"Samples: {result.out_dir} ({result.n} images; {result.generated} new, {result.existing} "
-                  f"already there{speed})", highlight=False)
-    console.print(f"ADM npz: {result.npz}", highlight=False)
+    show(f"Samples: {result.out_dir} ({result.n} images; {result.generated} new, {result.existing} "
+                  f"already there{speed})")
+    show(f"ADM npz: {result.npz}")
     say(f"Preview: {result.preview}\nManifest: {result.manifest}")

@@ -7,9 +7,10 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
-from .cli_common import console, handle_errors
+from .cli_common import console, handle_errors, show
 from .files import load_foreign_checkpoint, load_safetensors
 from .plugins import list_plugins, registry
 from .teachers import default_weights_dir
@@ -67,9 +68,8 @@ def teachers(
                       r["description"])
     console.print(table)
     if any_missing:
-        console.print(f"Missing weight files are looked up in {wdir} (set $DD2_WEIGHTS_DIR or use --weights-dir), "
-                      f"or pass them explicitly with --weights KEY=PATH; 'dd2 teachers --json' lists the download URLs.",
-                      highlight=False)
+        show(f"Missing weight files are looked up in {wdir} (set $DD2_WEIGHTS_DIR or use --weights-dir), "
+                      f"or pass them explicitly with --weights KEY=PATH; 'dd2 teachers --json' lists the download URLs.")
 
 
 @handle_errors
@@ -105,9 +105,9 @@ def inspect(
     if as_json:
         console.print_json(json.dumps({"path": str(path), "tensors": entries, "numel": total, "metadata": metadata}))
         return
-    table = Table(title=f"{path} ({len(entries)} tensors, {total:,} values)")
+    table = Table(title=escape(f"{path} ({len(entries)} tensors, {total:,} values)"))
     for col in ("key", "shape", "dtype"):
         table.add_column(col)
     for e in entries:
-        table.add_row(e["key"], str(tuple(e["shape"])), e["dtype"])
+        table.add_row(escape(e["key"]), str(tuple(e["shape"])), e["dtype"])
     console.print(table)

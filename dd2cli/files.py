@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import pickle
+import struct
 import tempfile
 import zipfile
 from pathlib import Path
@@ -141,16 +142,23 @@ def load_foreign_checkpoint(path: str | os.PathLike, *, unwrap: tuple[str, ...] 
     path = Path(path)
     if not path.is_file():
         raise FileFormatError(f"The {what} file {path} does not exist.")
+    if path.stat().st_size == 0:
+        raise FileFormatError(f"The {what} file {path} is empty; download it again.")
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=_is_zip(path))
     except pickle.UnpicklingError as exc:
-        raise FileFormatError(
-            f"{path} is not a plain-weights {what} (it needs arbitrary code to unpickle: "
-            f"{str(exc).splitlines()[0][:160]}); dd2 only loads weights with weights_only=True."
-        ) from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as exc:
-        raise FileFormatError(f"{path} is not a readable PyTorch {what} ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0][:160]}); it is truncated or corrupted.") from None
+        if _is_zip(path) or _starts_like_a_pickle(path):  # a real pickle that the weights-only unpickler refused
+            raise FileFormatError(
+                f"{path} is not a plain-weights {what} (it needs arbitrary code to unpickle: "
+                f"{_detail(exc)}); dd2 only loads weights with weights_only=True."
+            ) from None
+        raise FileFormatError(f"{path} is not a PyTorch {what} ({_detail(exc)}); it is damaged or another kind of "
+                              f"file, download it again.") from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, IndexError, KeyError, ValueError, TypeError,
+            AttributeError, UnicodeDecodeError, struct.error) as exc:
+        # a text file or random bytes fail deep inside the unpickler with whatever error its first byte causes
+        raise FileFormatError(f"{path} is not a readable PyTorch {what} ({_detail(exc)}); it is truncated, damaged "
+                              f"or another kind of file, download it again.") from None
     if not isinstance(obj, Mapping):
         raise FileFormatError(f"{path} holds a {type(obj).__name__}, not a state dict; expected the official {what}.")
     for key in unwrap:
@@ -164,6 +172,19 @@ def load_foreign_checkpoint(path: str | os.PathLike, *, unwrap: tuple[str, ...] 
             if any(isinstance(v, Mapping) for v in obj.values()) else ""
         raise FileFormatError(f"{path} is not a flat state dict: entry '{bad[0]}' is a {type(obj[bad[0]]).__name__}{hint}.")
     return dict(obj)
+
+
+def _starts_like_a_pickle(path: Path) -> bool:
+    """Whether the file begins with a pickle's PROTO opcode and a protocol number (as `torch.save` writes)."""
+    with open(path, "rb") as fh:
+        head = fh.read(2)
+    return len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5
+
+
+def _detail(exc: BaseException) -> str:
+    """The first line of an exception, shortened, for the middle of a sentence."""
+    first = (str(exc).splitlines() or [""])[0].split(". ")[0][:160].rstrip(".")
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
 def _is_zip(path: Path) -> bool:

@@ -95,6 +95,21 @@ def test_pickle_that_is_not_plain_weights_is_refused(tmp_path, capsys):
     with pytest.raises(FileFormatError, match="not a plain-weights"):
         load_foreign_checkpoint(path)
     assert "must never run" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "is empty"),
+    (b"elephant: not a checkpoint\n" * 20, "is not a"),
+    (bytes(range(256)) * 8, "is not a"),
+    (b"PK\x03\x04" + bytes(100), "is not a"),  # the start of a zip, then nothing
+])
+def test_garbage_weight_files_are_one_sentence(tmp_path, content, message):
+    path = tmp_path / "w.pth"
+    path.write_bytes(content)
+    with pytest.raises(FileFormatError) as info:
+        load_foreign_checkpoint(path)
+    text = str(info.value)
+    assert message in text and "arbitrary code" not in text and text.count(". ") == 0 and text.endswith(".")
     torch.save({"model": {"w": torch.ones(1)}, "obj": Evil()}, tmp_path / "evil2.pt")
     with pytest.raises(FileFormatError, match="not a plain-weights"):
         load_foreign_checkpoint(tmp_path / "evil2.pt")

@@ -284,6 +284,7 @@ def test_labels_are_a_pure_function_of_the_index():
     (["--generator", "raw"], "applies to a distillation run"),
     (["--weights", "oops"], "is not of the form KEY=PATH"),
     (["--top-p", "0"], "--top-p must be in (0, 1]"),
+    (["--device", "tpu"], "Unknown device 'tpu'; use auto, cpu, cuda or cuda:N."),
     (["--from", "/nonexistent/run"], "neither a distillation run"),
     (["--teacher", "nope"], "No teacher 'nope'"),
 ])
@@ -351,3 +352,13 @@ def test_torchrun_shards_blocks_and_matches_one_process(tmp_path):
     assert _pngs(tmp_path / "one") == _pngs(tmp_path / "two")
     assert np.array_equal(_npz(tmp_path / "one")["arr_0"], _npz(tmp_path / "two")["arr_0"])
     assert json.loads((tmp_path / "two" / "manifest.json").read_text())["last_invocation"]["world_size"] == 2
+
+
+def test_paths_with_brackets_are_printed_as_they_are(synthetic_plugin, tmp_path):
+    """User text is never read as rich markup (`[/1]` would close a tag that was never opened)."""
+    out = tmp_path / "exp[/1]"
+    res = runner.invoke(app, ["sample", "--teacher", "synthetic-corr", "-n", "2", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert f"Samples: {out}" in plain(res.output)
+    res = runner.invoke(app, ["sample", "--from", str(tmp_path / "[/x]"), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and f"{tmp_path / '[/x]'} is neither a distillation run" in plain(res.output)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import time
 from contextlib import contextmanager, nullcontext
 from typing import Iterator
@@ -22,10 +23,19 @@ from ..errors import DD2Error
 
 
 def resolve_device(name: str) -> str:
+    """`auto` (CUDA when there is one, else the CPU), `cpu`, `cuda` or `cuda:N`, checked against this machine."""
+    name = str(name).strip()
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise DD2Error(f"Device '{name}' was requested but CUDA is not available; use --device cpu.")
+    if name != "cpu" and not re.fullmatch(r"cuda(:\d+)?", name):
+        raise DD2Error(f"Unknown device '{name}'; use auto, cpu, cuda or cuda:N.")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise DD2Error(f"Device '{name}' was requested but CUDA is not available; use --device cpu.")
+        index = int(name.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise DD2Error(f"Device '{name}' does not exist: this machine has {torch.cuda.device_count()} CUDA "
+                           f"device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}.")
     return name
 
 
