@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from .errors import DD2Error, Interrupted
+from .errors import WRITE_ERRNOS, DD2Error, Interrupted, write_failure
 
 console = Console()
 err_console = Console(stderr=True)
@@ -57,6 +57,12 @@ def handle_errors(fn: Callable) -> Callable:
         except KeyboardInterrupt:
             err_console.print("Interrupted.", highlight=False)
             raise typer.Exit(code=130) from None
+        except OSError as exc:  # a write the engine did not wrap itself (disk full, read-only, permissions)
+            if exc.errno not in WRITE_ERRNOS:
+                raise
+            message = write_failure(exc.filename or "a file", exc)
+            err_console.print(f"[bold red]Error:[/bold red] {escape(str(message))}", highlight=False, soft_wrap=True)
+            raise typer.Exit(code=message.exit_code) from None
 
     return wrapper
 

@@ -13,6 +13,7 @@ back, so a run can be resumed or reproduced exactly.
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import types
 import typing
@@ -94,6 +95,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):  # (TOML reads inf and nan; no setting means either)
+                raise ConfigError(f"Setting '{key}' must be a finite number, got {value!r}.")
             return float(value)
     elif tp is str:
         if isinstance(value, str):

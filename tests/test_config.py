@@ -103,6 +103,14 @@ def test_lr_final_outside_zero_one_is_refused():
         s.validate()
 
 
+@pytest.mark.parametrize("text", ["stage2.lr=inf", "stage1.lr=-inf", "stage2.alpha=nan"])
+def test_non_finite_numbers_are_refused_up_front(text):
+    from dd2cli.settings import DistillSettings
+
+    with pytest.raises(ConfigError, match=rf"Setting '{text.split('=')[0]}' must be a finite number"):
+        load_settings(DistillSettings, None, [text])
+
+
 @pytest.mark.parametrize("cores, idle, expected", [(2, 1.95, 2), (2, 1.6, 2), (2, 1.05, 1), (2, 0.0, 1),
                                                    (8, 5.8, 6), (8, 8.0, 8), (1, 1.0, 1)])
 def test_auto_threads_is_one_per_idle_core(monkeypatch, cores, idle, expected):

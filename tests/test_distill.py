@@ -1,5 +1,6 @@
 """The training engine end to end on the synthetic teacher: files, errors, resume, data parallelism."""
 
+import errno
 import json
 import os
 import signal
@@ -202,6 +203,80 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     assert steps == sorted(set(steps)), "metrics were duplicated by the resume"
 
 
+def test_resume_refuses_a_new_architecture_before_writing_anything(synthetic_plugin, tmp_path):
+    out = tmp_path / "run"
+    res = runner.invoke(app, ["distill", "--teacher", "synthetic-corr", "--out", str(out), *TINY])
+    assert res.exit_code == 0, res.output
+    before = (out / "config.json").read_bytes()
+    res = runner.invoke(app, ["distill", "--resume", str(out), "--set", "head.width=64"])
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert "Setting 'head.width' cannot change when resuming" in plain(res.output)
+    assert (out / "config.json").read_bytes() == before  # nothing rewritten: the run stays usable
+    res = runner.invoke(app, ["distill", "--resume", str(out), "--set", "stage2.steps=5"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((out / "latest.json").read_text())["step"] == 5
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "delete"])
+def test_resume_falls_back_to_the_newest_checkpoint_that_reads_back(synthetic_plugin, tmp_path, damage):
+    import shutil
+
+    out = tmp_path / "run"
+    res = runner.invoke(app, ["distill", "--teacher", "synthetic-corr", "--out", str(out), *TINY])
+    assert res.exit_code == 0, res.output
+    latest = out / "checkpoints" / "stage2-0000004"
+    if damage == "corrupt":
+        data = bytearray((latest / "modules.safetensors").read_bytes())
+        data[-5] ^= 0xFF
+        (latest / "modules.safetensors").write_bytes(bytes(data))
+    else:
+        shutil.rmtree(latest)
+    partial = out / "checkpoints" / ".stage2-0000006.abc123"  # a checkpoint write a kill cut short
+    partial.mkdir()
+    res = runner.invoke(app, ["distill", "--resume", str(out), "--set", "stage2.steps=6"])
+    assert res.exit_code == 0, res.output
+    text = plain(res.output)
+    assert "checkpoint stage2-0000004 cannot be read" in text and "resuming from stage2-0000002" in text
+    assert json.loads((out / "latest.json").read_text())["step"] == 6
+    assert not partial.exists()
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["stage"] == 2]
+    assert steps == [1, 2, 3, 4, 5, 6]  # the steps after the fallback point were logged again, once
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS])
+def test_a_full_or_read_only_disk_is_one_sentence_and_the_run_resumes_exactly(synthetic_plugin, tmp_path,
+                                                                               monkeypatch, code):
+    from dd2cli import files
+
+    reference = tmp_path / "reference"
+    res = runner.invoke(app, ["distill", "--teacher", "synthetic-corr", "--out", str(reference), *TINY])
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "run"
+    real_fsync = files.os.fsync
+
+    def failing_fsync(fd):  # the disk fills up once the step-2 checkpoint of stage 2 is complete
+        latest = out / "latest.json"
+        if latest.exists() and json.loads(latest.read_text())["path"] == "checkpoints/stage2-0000002":
+            raise OSError(code, os.strerror(code))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(files.os, "fsync", failing_fsync)
+    res = runner.invoke(app, ["distill", "--teacher", "synthetic-corr", "--out", str(out), *TINY])
+    monkeypatch.undo()
+    assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+    text = plain(res.output)
+    assert f"Could not write checkpoint {out / 'checkpoints' / 'stage2-0000004'} ({os.strerror(code)})" in text
+    assert json.loads((out / "latest.json").read_text())["path"] == "checkpoints/stage2-0000002"
+    assert not list((out / "checkpoints").glob(".stage*"))  # the cut-short write cleaned up after itself
+    res = runner.invoke(app, ["distill", "--resume", str(out)])
+    assert res.exit_code == 0, res.output
+    a = load_safetensors(reference / "checkpoints" / "stage2-0000004" / "modules.safetensors")[0]
+    b = load_safetensors(out / "checkpoints" / "stage2-0000004" / "modules.safetensors")[0]
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
 def test_ctrl_c_prints_one_line_exits_130_and_resume_continues(tmp_path):
     env = _env()
     run_dir = tmp_path / "run"
@@ -385,6 +460,27 @@ def test_stage1_alone_then_stage2_on_resume(synthetic_plugin, tmp_path):
     assert res.exit_code == 0, res.output
     assert json.loads((out / "latest.json").read_text()) == {"stage": 2, "step": 4,
                                                              "path": "checkpoints/stage2-0000004"}
+
+
+def test_stage2_trains_the_backbone_after_a_head_only_stage1_with_or_without_a_resume(synthetic_plugin, tmp_path):
+    """Stage 1 ends inside its head-only phase (backbone frozen); stage 2 trains the whole generator either way, so
+    the run resumed at stage 2 ends with the same weights as the uninterrupted one."""
+    head_only = [*TINY, "--set", "stage1.steps=2", "--set", "stage1.head_only_steps=5", "--set", "stage2.steps=2"]
+    whole = tmp_path / "whole"
+    res = runner.invoke(app, ["distill", "--teacher", "synthetic-corr", "--out", str(whole), *head_only])
+    assert res.exit_code == 0, res.output
+    split = tmp_path / "split"
+    res = runner.invoke(app, ["distill", "--teacher", "synthetic-corr", "--out", str(split), *head_only, "--stage", "1"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["distill", "--resume", str(split)])
+    assert res.exit_code == 0, res.output
+    final1 = load_safetensors(whole / "checkpoints" / "stage1-0000002" / "modules.safetensors")[0]
+    a = load_safetensors(whole / "checkpoints" / "stage2-0000002" / "modules.safetensors")[0]
+    b = load_safetensors(split / "checkpoints" / "stage2-0000002" / "modules.safetensors")[0]
+    backbone = [k for k in a if k.startswith("generator.model.backbone.") and a[k].is_floating_point()]
+    assert backbone and any(not torch.equal(a[k], final1["model." + k[len("generator.model."):]]) for k in backbone)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
 
 
 def test_stage1_from_token_dataset_and_cached_shards(synthetic_plugin, tmp_path):

@@ -237,6 +237,13 @@ def test_interrupted_export_leaves_no_bundle(synthetic_run, tmp_path, monkeypatc
     with pytest.raises(KeyboardInterrupt):
         export(ExportRequest(run_dir=synthetic_run, out=tmp_path / "b"))
     assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    # a SIGKILL gives no chance to clean up: the next export to the same place removes what it left
+    (tmp_path / ".b.k1ll3d.tmp").mkdir()
+    (tmp_path / ".b.k1ll3d.tmp" / "generator.safetensors").write_bytes(b"half")
+    _register("synthetic")
+    export(ExportRequest(run_dir=synthetic_run, out=tmp_path / "b"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
 
 
 def test_raw_weights_and_half_precision(synthetic_run, tmp_path):

@@ -10,7 +10,8 @@ A run directory holds:
 
 A checkpoint folder is written under a temporary name and renamed into place, and `latest.json`
 (itself written atomically) is updated only after that, so a process killed at any moment leaves
-the previous checkpoint as the one to resume from. Leftover temporary folders are ignored.
+the previous checkpoint as the one to resume from. A resumed run removes the temporary folders of writes that
+a kill cut short, and falls back to the newest earlier checkpoint when the latest one is damaged.
 """
 
 from __future__ import annotations
@@ -20,11 +21,11 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
-from ..errors import FileFormatError
+from ..errors import DD2Error, FileFormatError, OutputError, write_failure
 from ..files import atomic_write_bytes, load_safetensors, read_json, save_safetensors, write_json
 
 CKPT_DIR = "checkpoints"
@@ -90,6 +91,9 @@ def save_checkpoint(run_dir: Path, stage: int, step: int, modules: Mapping[str, 
         if dest.exists():
             shutil.rmtree(dest)
         os.replace(tmp, dest)
+    except OutputError as exc:  # name the checkpoint, not the temporary file inside it
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise (write_failure(f"checkpoint {dest}", exc.os_error) if exc.os_error is not None else exc) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -158,6 +162,53 @@ def latest_checkpoint(run_dir: Path) -> Checkpoint | None:
         return None
     info = read_json(pointer)
     return Checkpoint(Path(run_dir) / info["path"])
+
+
+def _stage_step(name: str) -> tuple[int, int] | None:
+    """`stage2-0000040` → (2, 40); None for anything else (hidden temporary folders included)."""
+    head, _, step = name.partition("-")
+    if not head.startswith("stage") or not head[5:].isdigit() or not step.isdigit():
+        return None
+    return int(head[5:]), int(step)
+
+
+def resume_checkpoint(run_dir: Path, on_message: Callable[[str], None] | None = None) -> Checkpoint | None:
+    """The checkpoint a resumed run continues from: the one `latest.json` names, or, when that one is damaged or
+    gone, the newest earlier checkpoint that reads back whole (then `latest.json` is pointed at it, and
+    `on_message` says so). None for a run without checkpoints.
+    """
+    run_dir = Path(run_dir)
+    pointer = run_dir / LATEST
+    if not pointer.is_file():
+        return None
+    named = run_dir / read_json(pointer)["path"]
+    limit = _stage_step(named.name) or (99, 0)
+    older = sorted((p for p in (run_dir / CKPT_DIR).glob("stage*") if p.is_dir() and p != named
+                    and (_stage_step(p.name) or limit) < limit), key=lambda p: _stage_step(p.name), reverse=True)
+    for path in [named, *older]:
+        try:
+            ckpt = Checkpoint(path)
+        except (DD2Error, OSError, KeyError, ValueError) as exc:
+            if on_message is not None:
+                on_message(f"checkpoint {path.name} cannot be read ({exc}); trying the one before it")
+            continue
+        if path != named:
+            write_json(pointer, {"stage": ckpt.stage, "step": ckpt.step, "path": f"{CKPT_DIR}/{path.name}"})
+            if on_message is not None:
+                on_message(f"resuming from {path.name}, the newest checkpoint that reads back whole")
+        return ckpt
+    raise DD2Error(f"No checkpoint of {run_dir} reads back whole (all are damaged or missing); start a new run with "
+                   f"--out.")
+
+
+def remove_partial_checkpoints(run_dir: Path) -> int:
+    """Delete the temporary folders that checkpoint writes cut short by a kill left behind; returns how many."""
+    removed = 0
+    for tmp in (Path(run_dir) / CKPT_DIR).glob(".stage*"):
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed += 1
+    return removed
 
 
 def final_stage1_checkpoint(run_dir: Path) -> Checkpoint | None:

@@ -30,7 +30,16 @@ from ..plugins import get_variant
 from ..settings import DistillSettings
 from ..teacher import Teacher
 from ..version import __version__
-from .checkpoint import Checkpoint, append_metrics, final_stage1_checkpoint, latest_checkpoint, save_checkpoint, truncate_metrics
+from .checkpoint import (
+    Checkpoint,
+    append_metrics,
+    final_stage1_checkpoint,
+    latest_checkpoint,
+    remove_partial_checkpoints,
+    resume_checkpoint,
+    save_checkpoint,
+    truncate_metrics,
+)
 from .distributed import (
     DistInfo,
     average_gradients,
@@ -440,10 +449,14 @@ def _flow_init(run: _Run, ckpt: Checkpoint | None) -> None:
 
 
 def _init_from(run: _Run, psi0: ARDiffusion, how: str) -> ARDiffusion:
+    """A stage-2 network (generator or guidance) to train whole, backbone included.
+
+    Stage 2 always trains every parameter: a stage 1 that ends inside its head-only phase leaves ψ₀'s backbone
+    frozen, and that flag must not carry over (a run resumed at stage 2 rebuilds ψ₀ unfrozen; both must match).
+    """
     if how == "ar-diffusion":
-        return copy.deepcopy(psi0)
-    fresh = run.new_model()  # the teacher's backbone and a new head: no GTS tuning (ablation)
-    return fresh
+        return copy.deepcopy(psi0).requires_grad_(True)
+    return run.new_model()  # the teacher's backbone and a new head: no GTS tuning (ablation)
 
 
 def _stage2(run: _Run, psi0: ARDiffusion, ckpt: Checkpoint | None,
@@ -609,6 +622,12 @@ def prepare(req: DistillRequest) -> tuple[Path, dict, DistillSettings]:
         if req.device is not None:
             data = deep_merge(data, {"device": req.device})
         settings = from_dict(DistillSettings, data)
+        # the checkpoints hold networks of the saved architecture: refuse a change before anything is written
+        for key in ("width", "depth", "mlp_ratio"):
+            old, new = saved["settings"].get("head", {}).get(key), getattr(settings.head, key)
+            if old is not None and old != new:
+                raise DD2Error(f"Setting 'head.{key}' cannot change when resuming: the checkpoints of {run_dir} hold "
+                               f"networks with head.{key} = {old}; drop that --set, or start a new run with --out.")
         info = {**saved, "settings": to_dict(settings)}
         if req.weights:
             info["weights"] = {**saved.get("weights", {}), **{k: str(v) for k, v in req.weights.items()}}
@@ -667,7 +686,14 @@ def _run(req: DistillRequest, run_dir: Path, info: dict, settings: DistillSettin
         if settings.parallel == "fsdp" and not dist.enabled:
             progress.message("parallel = fsdp shards over the processes of torchrun; this single process trains "
                              "unsharded")
-        ckpt = latest_checkpoint(run_dir)
+        if dist.is_main and remove_partial_checkpoints(run_dir):
+            progress.message("removed the unfinished checkpoint folder(s) of an interrupted write")
+        barrier(dist)
+        # rank 0 may repair latest.json (a damaged latest checkpoint); the other ranks read it after the barrier
+        ckpt = resume_checkpoint(run_dir, progress.message) if dist.is_main else None
+        barrier(dist)
+        if not dist.is_main:
+            ckpt = latest_checkpoint(run_dir)
         if ckpt is not None and dist.is_main:
             truncate_metrics(run_dir, ckpt.stage, ckpt.step)
             progress.message(f"resuming from {ckpt.path.name}")

@@ -9,6 +9,7 @@ never leaves a bundle that looks complete.
 from __future__ import annotations
 
 import datetime as _dt
+import glob
 import json
 import math
 import os
@@ -276,6 +277,9 @@ def export(req: ExportRequest, progress: Progress | None = None) -> ExportResult
 
     # 2. everything into a temporary folder next to --out, renamed into place at the end
     out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{glob.escape(out.name)}.*.tmp"):  # left by an export a kill cut short
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the bundle gets the usual permissions
     result = ExportResult(out=out, teacher=info["teacher"])
