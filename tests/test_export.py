@@ -390,6 +390,34 @@ def test_unknown_factory_and_cli_errors(bundle, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("change, message", [
+    ({"head": {"width": 10**9}}, "far more than the weights it ships"),
+    ({"head": {"width": -5}}, "does not describe a generator this dd2 can build"),
+    ({"backbone": {"config": {"depth": 10**6}}}, "far more than the weights it ships"),
+    ({"spec": None}, "has no 'spec' table"),
+    ({"spec": {"num_classes": 0}}, "spec.num_classes = 0, not a whole number >= 1"),
+    ({"spec": {"num_tokens": 5}}, "does not describe a generator this dd2 can build"),  # 6 steps recorded
+    ({"spec": {"steps": "0,1,2"}}, "no list of whole numbers in spec.steps"),
+])
+def test_hostile_config_values_are_refused_before_anything_is_allocated(bundle, tmp_path, change, message):
+    import time
+
+    config = json.loads((bundle / "config.json").read_text())
+    for section, values in change.items():
+        if values is None:
+            config[section] = None
+        elif section == "backbone":
+            config[section]["config"].update(values["config"])
+        else:
+            config[section].update(values)
+    _rewrite_config(bundle, config)
+    t0 = time.perf_counter()
+    assert message in _error(bundle, BundleError)
+    assert time.perf_counter() - t0 < 30  # (a depth of a million used to build for minutes)
+    res = runner.invoke(app, ["sample", "--from", str(bundle), "-n", "2", "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "Traceback" not in res.output and not (tmp_path / "o").exists()
+
+
 def test_a_declared_factory_must_be_marked(bundle, monkeypatch):
     import dataclasses
 

@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import math
 import os
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
 import torch
+from safetensors import safe_open
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
@@ -115,40 +117,88 @@ def _check_version(value: Any, file: Path) -> None:
 
 
 def spec_from_config(config: Mapping[str, Any]) -> TeacherSpec:
-    """The teacher facts recorded in a bundle's config.json (no teacher needed)."""
-    s = config["spec"]
-    sampling = s.get("sampling", {})
+    """The teacher facts recorded in a bundle's config.json (no teacher needed), checked before any use."""
+    s = config.get("spec")
+    if not isinstance(s, Mapping):
+        raise BundleError("The bundle's config.json has no 'spec' table; the file is damaged, export the bundle again.")
+    for key, low in (("num_tokens", 1), ("vocab_size", 1), ("latent_dim", 1), ("num_classes", 1), ("null_class", 0),
+                     ("image_size", 1)):
+        value = s.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise BundleError(f"The bundle's config.json has spec.{key} = {value!r}, not a whole number >= {low}; "
+                              f"the file is damaged or crafted, export the bundle again.")
+    steps = s.get("steps")
+    if not isinstance(steps, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in steps):
+        raise BundleError("The bundle's config.json has no list of whole numbers in spec.steps; the file is damaged "
+                          "or crafted, export the bundle again.")
+    sampling = s.get("sampling") or {}
     return TeacherSpec(
-        num_tokens=int(s["num_tokens"]), vocab_size=int(s["vocab_size"]), latent_dim=int(s["latent_dim"]),
-        num_classes=int(s["num_classes"]), null_class=int(s["null_class"]), steps=tuple(int(x) for x in s["steps"]),
-        image_size=int(s["image_size"]), reads_ids=bool(s.get("reads_ids", False)),
+        num_tokens=s["num_tokens"], vocab_size=s["vocab_size"], latent_dim=s["latent_dim"],
+        num_classes=s["num_classes"], null_class=s["null_class"], steps=tuple(steps),
+        image_size=s["image_size"], reads_ids=bool(s.get("reads_ids", False)),
         **{k: SamplingSettings(**sampling[k]) for k in ("stage1", "target", "evaluation") if k in sampling},
     )
 
 
+def _stored_numel(*files: Path) -> int:
+    """How many values the safetensors files hold, read from their headers (no tensor is loaded)."""
+    total = 0
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as fh:
+                total += sum(math.prod(fh.get_slice(k).get_shape()) for k in fh.keys())
+        except Exception as exc:  # (safetensors raises its own error types for a damaged header)
+            raise FileFormatError(f"{file} is not a readable safetensors file ({type(exc).__name__}): it is truncated or "
+                                  f"corrupted, export the bundle again.") from None
+    return total
+
+
 class _SkipInit(TorchFunctionMode):
-    """Inside: the random initialisers of `torch.nn.init` leave their tensor as it is.
+    """Inside: the random initialisers of `torch.nn.init` leave their tensor as it is, and tensor creation stays
+    within `budget` values.
 
     The bundle assigns every weight, so drawing them first is wasted work: a module built on the CPU
     inside this mode costs an allocation of untouched memory and nothing else. (The meta device is
-    no cheaper: its reference kernels import torch._dynamo, 2.5 s of a cold start.)
+    no cheaper: its reference kernels import torch._dynamo, 2.5 s of a cold start.) The budget bounds what a
+    config.json can make dd2 allocate by the weights the bundle actually ships: a crafted width or depth stops
+    with one sentence before the memory is taken, instead of exhausting it or running for minutes.
     """
 
     _SKIPPED = frozenset((torch.nn.init.normal_, torch.nn.init.uniform_, torch.nn.init.kaiming_uniform_,
                           torch.nn.init.constant_))
+    #: factories whose first arguments are the shape of the tensor they allocate
+    _SIZED = frozenset((torch.empty, torch.zeros, torch.ones, torch.rand, torch.randn, torch.full))
+
+    def __init__(self, budget: int | None = None) -> None:
+        super().__init__()
+        self.budget, self.used = budget, 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
         if func in self._SKIPPED:
-            return args[0] if args else (kwargs or {})["tensor"]
-        return func(*args, **(kwargs or {}))
+            return args[0] if args else kwargs["tensor"]
+        if self.budget is not None and func in self._SIZED:
+            size = kwargs.get("size", args[0] if func is torch.full or (args and not isinstance(args[0], int))
+                              else args)
+            size = tuple(size) if isinstance(size, (tuple, list, torch.Size)) else (size,)
+            if all(isinstance(x, int) for x in size):
+                self.used += math.prod(max(int(x), 0) for x in size)
+                if self.used > self.budget:
+                    raise BundleError(f"The bundle's config.json describes networks with more than {self.budget:,} "
+                                      f"values, far more than the weights it ships; the file is damaged or crafted, "
+                                      f"do not load it.")
+        return func(*args, **kwargs)
 
 
-def build_skeleton(config: Mapping[str, Any]) -> tuple[Generator, nn.Module]:
-    """Generator and decoder of a bundle config, built by the plugin's factories (weights not loaded)."""
+def build_skeleton(config: Mapping[str, Any], budget: int | None = None) -> tuple[Generator, nn.Module]:
+    """Generator and decoder of a bundle config, built by the plugin's factories (weights not loaded).
+
+    `budget`: the most tensor values the factories may allocate (see `_SkipInit`); None for no bound.
+    """
     family = bundle_family(config)
     build_backbone = _resolve_factory(config["backbone"]["factory"], "backbone", family)
     build_decoder = _resolve_factory(config["decoder"]["factory"], "decoder", family)
-    with _SkipInit():
+    with _SkipInit(budget):
         backbone = build_backbone(dict(config["backbone"]["config"]))
         h = config["head"]
         model = build_model(backbone, h["latent_dim"], h["width"], h["depth"], h["mlp_ratio"])
@@ -202,10 +252,13 @@ def load_bundle(path: str | os.PathLike, device: str = "cpu", *, verify_content:
     """
     path = Path(path)
     config = _read_config(path, verify_content)
+    # what the networks may allocate: the values the weight files hold, twice over, plus room for the buffers
+    # that no state dict holds (RoPE tables, masks)
+    budget = 2 * _stored_numel(path / GENERATOR, path / DECODER) + (1 << 24)
     try:
         spec = spec_from_config(config)
-        generator, decoder = build_skeleton(config)
-    except (KeyError, TypeError, ValueError) as exc:
+        generator, decoder = build_skeleton(config, budget)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError, OverflowError) as exc:
         raise BundleError(f"{path / CONFIG} does not describe a generator this dd2 can build ({type(exc).__name__}: "
                           f"{exc}); the file is damaged, export the bundle again.") from None
     teacher = config["teacher"]
