@@ -4,6 +4,9 @@
 
 Used by the SIGKILL-resume and the 2-process (torchrun, gloo) tests. With DD2_TEST_RECORD=DIR, every
 rank records the batches it trains on and a checksum of its final generator in DIR/rank{r}.json.
+With DD2_TEST_KILL_INSIDE=FOLDER:FILE (e.g. `stage2-0000004:optim.safetensors`) the process SIGKILLs itself in
+the middle of that checkpoint's write, just before FILE is written; with `after-stage2-0000004:latest.json`, once
+that checkpoint folder is in place but before `latest.json` points at it.
 """
 
 import json
@@ -48,6 +51,27 @@ if record_dir:
         return result
 
     distill.run = recording_run
+
+kill_inside = os.environ.get("DD2_TEST_KILL_INSIDE")
+if kill_inside:
+    import signal
+
+    from dd2cli import files
+
+    folder, _, file_name = kill_inside.partition(":")
+    original_write = files.atomic_write_bytes
+
+    def killing_write(path, data):
+        path = Path(path)
+        if folder.startswith("after-"):
+            inside = (path.parent / "checkpoints" / folder[len("after-"):]).is_dir()
+        else:
+            inside = path.parent.name.startswith(f".{folder}.")
+        if path.name == file_name and inside:
+            os.kill(os.getpid(), signal.SIGKILL)  # as the OOM killer or a lost node would: no cleanup at all
+        return original_write(path, data)
+
+    files.atomic_write_bytes = killing_write
 
 from dd2cli.cli import main  # noqa: E402
 
