@@ -55,7 +55,7 @@ def _metric_command(metrics: tuple[str, ...], doc: str) -> Callable:
                                                        "(default: the most recent dd2 sample set)."),
         ref: Optional[Path] = typer.Option(None, "--ref", help="Reference: an ADM reference .npz (its mu/sigma are "
                                            "used when present), a folder or an .npz of images (digits default: the "
-                                           "real train split at the samples' resolution)."),
+                                           "real train split at the samples' resolution, at most the classifier's 16 px)."),
         features: Features = typer.Option(Features.auto, "--features", help="inception, digits, or auto (digits for samples of a "
                                      "digits teacher, else inception)."),
         inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", help="Path of "

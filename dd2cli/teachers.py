@@ -172,16 +172,17 @@ class Variant:
                 f"valid names: {valid}."
             )
         found = self.locate_weights(weights, weights_dir)
-        for w in self.weights:
-            path = found[w.key]
-            if path is None or not path.is_file():
-                where = path if path is not None else w.expected_location(weights_dir)
-                hint = f" (download: {w.url})" if w.url else ""
-                raise MissingWeightsError(
-                    f"Teacher '{self.name}' needs {w.filename} ({w.description or w.key}) at {where}{hint}; "
-                    f"pass --weights {w.key}=PATH or put it in {weights_dir or default_weights_dir()} "
-                    f"(set ${WEIGHTS_DIR_ENV} to change that folder)."
-                )
+        missing = [w for w in self.weights if found[w.key] is None or not found[w.key].is_file()]
+        if missing:  # every missing file in one message: the user fetches them all at once
+            folder = weights_dir or default_weights_dir()
+            files = [f"{w.filename} ({w.description or w.key}) at {found[w.key] or w.expected_location(weights_dir)}"
+                     + (f" (download: {w.url})" if w.url else "") for w in missing]
+            options = " ".join(f"--weights {w.key}=PATH" for w in missing)
+            needs = files[0] if len(files) == 1 else f"{len(files)} weight files: " + ", ".join(files)
+            raise MissingWeightsError(
+                f"Teacher '{self.name}' needs {needs}; pass {options} or put {'it' if len(files) == 1 else 'them'} "
+                f"in {folder} (set ${WEIGHTS_DIR_ENV} to change that folder)."
+            )
         return self.loader(self, {k: p for k, p in found.items() if p is not None}, device)
 
 

@@ -1,7 +1,9 @@
 """`dd2 eval`: the metrics against independent references, the Inception path, digits metrics, bad input."""
 
+import errno
 import importlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,7 @@ from dd2cli import plugins
 from dd2cli.cli import app
 from dd2cli.engine.adm_npz import write_adm_npz
 from dd2cli.engine.metrics import feature_stats, frechet_distance, inception_score, precision_recall
+from dd2cli.engine.progress import Progress
 from dd2cli.engine.sample_sets import open_images
 
 runner = CliRunner()
@@ -311,6 +314,144 @@ def test_bad_sample_sets_are_one_sentence(tmp_path):
         assert res.exit_code != 0, args
         assert message in plain(res.output), (args, res.output)
         assert "Traceback" not in res.output
+
+
+# ---- results that cannot be written, large digits samples ----------------------------------------
+
+def _digit_pngs(folder: Path, count: int = 20) -> Path:
+    from dd2cli.engine.features import digits_reference_images
+
+    return _write_pngs(folder, digits_reference_images(16, "heldout").array[:count])
+
+
+class _Messages(Progress):
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def message(self, text: str) -> None:
+        self.lines.append(text)
+
+
+@pytest.mark.parametrize("error", [OSError(errno.EROFS, "Read-only file system"),
+                                   PermissionError(errno.EACCES, "Permission denied"),
+                                   OSError(errno.ENOSPC, "No space left on device")], ids=["erofs", "eacces", "enospc"])
+def test_a_results_file_that_cannot_be_written_loses_no_result(tmp_path, monkeypatch, error):
+    """A read-only sample folder or a full disk: the numbers are printed (and returned), the failure is one line."""
+    from dd2cli.engine import evaluate as evaluate_mod
+
+    samples = _digit_pngs(tmp_path / "samples")
+    good = evaluate_mod.evaluate(evaluate_mod.EvalRequest(metrics=("fid",), samples=[samples], features="digits",
+                                                          device="cpu"))[0]
+    assert good.json_path == samples / "eval-digits.json" and good.json_path.is_file()
+    good.json_path.unlink()
+
+    def refuses(path, obj):
+        raise error
+
+    monkeypatch.setattr(evaluate_mod, "write_json", refuses)
+    res = runner.invoke(app, ["eval", "fid", str(samples), "--features", "digits", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    text = plain(res.output)
+    assert (f"The results could not be written to {samples / 'eval-digits.json'} ({error.strerror}); pass "
+            f"--json-out PATH to save them elsewhere (they are printed below).") in text
+    assert f"{good.metrics['fid']:.3f}" in text  # the table with the number
+    assert "Written:" not in text and "Traceback" not in res.output
+    # the engine returns the result, without a results file, and says why through the progress channel
+    progress = _Messages()
+    (result,) = evaluate_mod.evaluate(evaluate_mod.EvalRequest(metrics=("fid",), samples=[samples],
+                                                               features="digits", device="cpu"), progress=progress)
+    assert result.json_path is None and result.metrics == good.metrics
+    assert len(progress.lines) == 1 and str(samples / "eval-digits.json") in progress.lines[0]
+    # --json-out on the same file system: the same, with the other remedy
+    res = runner.invoke(app, ["eval", "fid", str(samples), "--features", "digits", "--device", "cpu", "--json-out",
+                              str(tmp_path / "r.json")])
+    assert res.exit_code == 0, res.output
+    assert (f"could not be written to {tmp_path / 'r.json'} ({error.strerror}); pass another --json-out PATH to "
+            f"save them") in plain(res.output)
+    assert f"{good.metrics['fid']:.3f}" in res.output and not (tmp_path / "r.json").exists()
+    assert not list(samples.glob("*.json"))
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders (the test above simulates it)")
+def test_a_read_only_sample_folder_is_evaluated(tmp_path):
+    samples = _digit_pngs(tmp_path / "samples")
+    samples.chmod(0o555)
+    try:
+        res = runner.invoke(app, ["eval", "fid", str(samples), "--features", "digits", "--device", "cpu"])
+    finally:
+        samples.chmod(0o755)
+    assert res.exit_code == 0, res.output
+    assert "could not be written" in plain(res.output) and "--json-out PATH" in plain(res.output)
+    assert "FID" in res.output and not (samples / "eval-digits.json").exists()
+
+
+def test_json_out_in_a_missing_folder_is_created_and_a_folder_is_refused_first(tmp_path, monkeypatch):
+    from dd2cli.engine import evaluate as evaluate_mod
+
+    samples = _digit_pngs(tmp_path / "samples", 8)
+    target = tmp_path / "new" / "deeper" / "r.json"
+    res = runner.invoke(app, ["eval", "fid", str(samples), "--features", "digits", "--device", "cpu", "--json-out",
+                              str(target)])
+    assert res.exit_code == 0, res.output
+    (entry,) = json.loads(target.read_text())
+    assert np.isfinite(entry["metrics"]["fid"]) and f"Written: {target}" in plain(res.output)
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("features computed before the --json-out check")
+
+    monkeypatch.setattr(evaluate_mod, "DigitsExtractor", no_work)
+    (tmp_path / "a-file").write_text("x")
+    for bad, message in ((tmp_path / "new", f"--json-out {tmp_path / 'new'} is a folder; pass a file path such as "
+                                             f"{tmp_path / 'new' / 'eval.json'}."),
+                         (tmp_path / "a-file" / "sub" / "r.json", f"lies under {tmp_path / 'a-file'}, which is a "
+                                                                   f"file; pass a path in a folder.")):
+        res = runner.invoke(app, ["eval", "fid", str(samples), "--features", "digits", "--json-out", str(bad)])
+        assert res.exit_code == 2, res.output
+        assert message in plain(res.output) and "Traceback" not in res.output
+
+
+def test_digits_reference_is_built_at_the_classifier_resolution(tmp_path, monkeypatch):
+    """512-px samples: the reference is the 16-px train split (what the classifier sees), not 512-px images."""
+    import torch.nn.functional as F
+
+    from dd2cli.digits import CLASSIFIER_RESOLUTION, load_digits_dataset, to_classifier_input
+    from dd2cli.engine import features
+    from dd2cli.engine.evaluate import open_reference
+    from dd2cli.images import to_uint8
+
+    digits, labels = load_digits_dataset(8, "heldout")
+    big = F.interpolate(digits[:6], size=(512, 512), mode="bilinear", align_corners=False)  # as the domain renders
+    samples = tmp_path / "big.npz"
+    write_adm_npz(samples, iter([to_uint8(big).numpy()]), 6, 512, 512, labels[:6].numpy())
+    built = []
+    real = features.load_digits_dataset
+
+    def spy(resolution=16, split="train"):
+        built.append(resolution)
+        return real(resolution, split)
+
+    monkeypatch.setattr(features, "load_digits_dataset", spy)
+    ref = open_reference(None, "digits", open_images(samples))
+    assert built == [CLASSIFIER_RESOLUTION] and ref.images.array.shape == (1438, 16, 16, 3)  # 1.1 MB, any sample size
+    res = runner.invoke(app, ["eval", "all", str(samples), "--features", "digits", "--device", "cpu",
+                              "--json-out", str(tmp_path / "r.json")])
+    assert res.exit_code == 0, res.output
+    assert set(built) == {CLASSIFIER_RESOLUTION}
+    (entry,) = json.loads((tmp_path / "r.json").read_text())
+    assert entry["reference"] == "digits-train@16px" and np.isfinite(entry["metrics"]["fid"])
+    assert entry["metrics"]["class_consistency"] == 1.0
+    assert list((tmp_path / "cache" / "eval").glob("ref-digits-*-digits-train-16.safetensors"))
+    # why the 16-px reference is the right one: what the classifier sees of digits rendered at a multiple of 16 px
+    # is the 16-px rendering (the old reference at the samples' size differed by uint8 rounding only)
+    for size in (32, 64):
+        seen = to_classifier_input(real(size, "train")[0][:64])
+        assert torch.allclose(seen, to_classifier_input(real(16, "train")[0][:64]), atol=1e-6)
+    # samples of 16 px or less keep today's reference exactly: the train split at their own size
+    for size in (16, 8):
+        small = open_images(_write_pngs(tmp_path / f"s{size}", _random_images(3, size)))
+        ref = open_reference(None, "digits", small)
+        assert (ref.images.height, ref.name) == (small.height, f"digits-train@{size}px")
+        assert np.array_equal(ref.images.array, to_uint8(real(size, "train")[0]).numpy())
 
 
 # ---- speed -----------------------------------------------------------------------------------------

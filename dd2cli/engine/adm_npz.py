@@ -7,6 +7,7 @@ of a member without loading it whole.
 from __future__ import annotations
 
 import os
+import uuid
 import zipfile
 from pathlib import Path
 from typing import Iterator, Optional
@@ -73,10 +74,12 @@ def write_adm_npz(path: str | os.PathLike, images: Iterator[np.ndarray], count: 
                   labels: Optional[np.ndarray] = None) -> None:
     """Stream uint8 `(B, H, W, 3)` batches into an ADM sample file (`arr_0`, labels in `arr_1`).
 
-    Written to a temporary file and renamed, so an interrupted write leaves no complete-looking npz.
+    Written to a temporary file and renamed, so an interrupted write leaves no complete-looking npz. The temporary
+    name carries the process id and a random part: two writers of one folder never write into each other's file
+    (a process killed mid-write leaves its `.<name>.<pid>-<random>.tmp` behind; `dd2 sample` removes those).
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
     header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
               "shape": (count, height, width, 3)}
     written = 0

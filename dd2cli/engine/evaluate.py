@@ -3,7 +3,8 @@
 Sample sets and references are opened by `engine.sample_sets` (folders of PNGs) and `engine.adm_npz` (`.npz`
 files in the ADM layout); features come from `engine.features` (Inception or the digits classifier), the numbers
 from `engine.metrics`. Reference features are cached under the cache folder, keyed by the reference file and
-the feature network. Results are written as JSON next to each sample set (or to `--json-out`).
+the feature network. Results are written as JSON next to each sample set (or to `--json-out`); a results file
+that cannot be written (a read-only folder, a full disk) is reported and the results are still returned.
 """
 
 from __future__ import annotations
@@ -22,7 +23,14 @@ from ..files import fingerprint_file, load_safetensors, read_json, save_safetens
 from ..plugins import registry
 from ..version import __version__
 from .adm_npz import _npz_keys, _NpzMember
-from .features import DigitsExtractor, InceptionExtractor, default_cache_dir, digits_reference_images, extract_features
+from .features import (
+    DigitsExtractor,
+    InceptionExtractor,
+    default_cache_dir,
+    digits_reference_images,
+    digits_reference_resolution,
+    extract_features,
+)
 from .metrics import feature_stats, frechet_distance, inception_score, precision_recall
 from .progress import Progress
 from .runs import find_latest_sample_set
@@ -43,19 +51,23 @@ class Reference:
     key: str
     stats: dict[str, np.ndarray] = field(default_factory=dict)  # mu, sigma, mu_s, sigma_s
     images: Optional[ImageSet] = None
+    # the built-in digits reference is made at the classifier's input size and serves samples of any larger size
+    any_size: bool = False
 
 
 def open_reference(path: Optional[str | os.PathLike], space: str, samples: ImageSet) -> Reference:
     """`--ref`: an ADM reference npz (mu/sigma used when present), a folder or an npz of images.
 
-    Without a path the digits space uses the real digits train split at the samples' resolution.
+    Without a path the digits space uses the real digits train split at the samples' resolution, or at the
+    classifier's 16 px for larger samples (`features.digits_reference_resolution`): its memory does not grow with
+    the samples' size.
     """
     if path is None:
         if space == "digits":
             if samples.height != samples.width:
                 raise DD2Error(f"The digits reference is square but the samples are {samples.width}×{samples.height}.")
-            images = digits_reference_images(samples.height, "train")
-            return Reference(name=images.name, key=images.key, images=images)
+            images = digits_reference_images(digits_reference_resolution(samples.height), "train")
+            return Reference(name=images.name, key=images.key, images=images, any_size=True)
         raise DD2Error("Inception metrics need a reference: pass --ref with the ADM reference batch (e.g. "
                        "VIRTUAL_imagenet256_labeled.npz) or a folder of real images.")
     path = Path(path)
@@ -77,6 +89,8 @@ def open_reference(path: Optional[str | os.PathLike], space: str, samples: Image
 
 
 def _check_resolution(ref: Reference, samples: ImageSet) -> None:
+    if ref.any_size:
+        return
     if ref.images is not None and (ref.images.height, ref.images.width) != (samples.height, samples.width):
         raise DD2Error(f"The reference {ref.name} holds {ref.images.width}×{ref.images.height} images but the samples "
                        f"{samples.name} are {samples.width}×{samples.height}; use a reference of the samples' "
@@ -162,8 +176,39 @@ def _default_json_path(samples: Path, space: str) -> Path:
     return samples.with_name(f"{samples.stem}.eval-{space}.json")
 
 
+def _write_results(path: Path, obj: Any, progress: Progress, remedy: str) -> bool:
+    """Write a results file; when the file system refuses, say so and return False (the results live on).
+
+    Minutes of feature extraction must not be lost to a read-only sample folder or a full disk: the caller still
+    returns (and the command prints) the numbers.
+    """
+    try:
+        write_json(path, obj)
+    except OSError as exc:
+        reason = exc.strerror or (os.strerror(exc.errno) if exc.errno else str(exc) or type(exc).__name__)
+        progress.message(f"The results could not be written to {path} ({reason}); {remedy} (they are printed "
+                         f"below).")
+        return False
+    return True
+
+
+def _check_json_out(path: Path) -> None:
+    """Refuse a `--json-out` that can never be a file, before any work (a missing parent folder is created)."""
+    if path.is_dir():
+        raise DD2Error(f"--json-out {path} is a folder; pass a file path such as {path / 'eval.json'}.")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise DD2Error(f"--json-out {path} lies under {parent}, which is a file; pass a path in a folder.")
+
+
 def evaluate(req: EvalRequest, progress: Progress | None = None) -> list[EvalResult]:
-    """Compute `req.metrics` for every sample set; write one JSON per set (or all into `req.json_path`)."""
+    """Compute `req.metrics` for every sample set; write one JSON per set (or all into `req.json_path`).
+
+    A results file that cannot be written is reported through `progress.message` and its `json_path` is None;
+    the results are returned all the same.
+    """
 
     progress = progress or Progress()
     unknown = [m for m in req.metrics if m not in METRICS + ("all",)]
@@ -171,6 +216,8 @@ def evaluate(req: EvalRequest, progress: Progress | None = None) -> list[EvalRes
         raise DD2Error(f"Unknown metric '{unknown[0]}'; choose from {', '.join(METRICS)}.")
     if req.batch_size <= 0:
         raise DD2Error(f"--batch-size must be positive, got {req.batch_size}.")
+    if req.json_path is not None:
+        _check_json_out(Path(req.json_path))
     paths = list(req.samples) or [find_latest_sample_set()]
     if not req.samples:
         progress.message(f"Evaluating the most recent sample set: {paths[0]}")
@@ -251,15 +298,17 @@ def evaluate(req: EvalRequest, progress: Progress | None = None) -> list[EvalRes
                     if same_ref and old.get("resize") == record["resize"] and old.get("count") == images.count:
                         record["metrics"] = {**old.get("metrics", {}), **values}
                         record["reference"] = record["reference"] or old.get("reference")
-                except DD2Error:
+                except (DD2Error, OSError):  # unreadable: written anew
                     pass
-            write_json(json_path, record)
+            if not _write_results(json_path, record, progress, "pass --json-out PATH to save them elsewhere"):
+                json_path = None
         results.append(EvalResult(samples=images.path or Path(images.name), count=images.count, features=space,
                                   reference=record["reference"] or "-", metrics=values, json_path=json_path,
                                   source=source))
     if req.json_path is not None:
-        write_json(req.json_path, [{"samples": str(r.samples), "count": r.count, "features": r.features,
-                                    "reference": r.reference, "metrics": r.metrics} for r in results])
+        written = _write_results(Path(req.json_path), [
+            {"samples": str(r.samples), "count": r.count, "features": r.features, "reference": r.reference,
+             "metrics": r.metrics} for r in results], progress, "pass another --json-out PATH to save them")
         for r in results:
-            r.json_path = req.json_path
+            r.json_path = Path(req.json_path) if written else None
     return results

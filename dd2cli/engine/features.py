@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..digits import CLASSIFIER_PATH, load_digits_classifier, load_digits_dataset
+from ..digits import CLASSIFIER_PATH, CLASSIFIER_RESOLUTION, load_digits_classifier, load_digits_dataset
 from ..errors import DD2Error
 from ..files import check_state_dict, fingerprint_file, load_foreign_checkpoint
 from ..images import to_uint8
@@ -151,8 +151,26 @@ def extract_features(extractor, images: ImageSet, batch_size: int, progress: Pro
     return {k: np.concatenate(v) for k, v in parts.items()}
 
 
+def digits_reference_resolution(sample_resolution: int) -> int:
+    """The resolution of the real-digits reference for samples of `sample_resolution`: at most the classifier's.
+
+    The classifier sees every image at `CLASSIFIER_RESOLUTION` (`dd2cli.digits.to_classifier_input`), so a reference
+    rendered any larger only costs memory (3.9 GB for 256-px samples). Larger samples are area-reduced to 16×16;
+    the real digits rendered at 16 px are exactly what the classifier sees of the real digits rendered at a
+    multiple of 16 px (bilinear from 8 px is linear over each 16-px cell, so averaging it over the cell gives its
+    value at the cell's centre), up to the uint8 rounding of the large rendering: the reference of
+    16-px samples serves every larger size. Samples at 16 px or less keep a reference at their own size (the
+    16-px numbers are unchanged; 8-px ones too): the classifier upsamples it exactly as it upsamples the samples,
+    from the same uint8 grid, and it is no larger than a 16-px one.
+    """
+    return min(int(sample_resolution), CLASSIFIER_RESOLUTION)
+
+
 def digits_reference_images(resolution: int, split: str = "train") -> ImageSet:
-    """The real digits split at `resolution`, quantised to uint8 exactly as samples are written."""
+    """The real digits split at `resolution`, quantised to uint8 exactly as samples are written.
+
+    `dd2 eval` asks for `digits_reference_resolution(samples' resolution)`, never more than 16 px.
+    """
 
     images, labels = load_digits_dataset(resolution, split)
     return memory_images(to_uint8(images).numpy(), name=f"digits-{split}@{resolution}px",

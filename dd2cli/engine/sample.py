@@ -19,6 +19,10 @@ one `torch.Generator` (the teacher, k-step refinement) work on fixed blocks of `
 each with a generator seeded by `(seed, block)`, so neither `--batch-size` nor the number of ranks
 changes any image. A re-run finishes the missing PNGs only; under torchrun rank `r` takes blocks
 `r, r+W, ...` and rank 0 writes the npz, the preview and the manifest after a barrier.
+
+One writer per folder: the job's rank 0 holds the folder's lock (`sample_sets.SampleFolderLock`) from before it
+reads the old manifest until the final manifest is written; another `dd2 sample` aimed at the folder is refused
+with nothing written.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
+import torch.distributed as tdist
 from torch import Tensor
 
 from ..errors import DD2Error
@@ -47,7 +52,18 @@ from .labels import LabelSchedule, index_seed
 from .progress import Progress
 from .runs import find_latest_run, load_generator_from_run, new_folder
 from .runtime import check_precision, maybe_compile, resolve_device, sampling_context
-from .sample_sets import _check_out_dir, _finalise, _find_resumable, _normalise, _Writer, chunks, png_name
+from .sample_sets import (
+    SampleFolderLock,
+    _check_out_dir,
+    _finalise,
+    _find_resumable,
+    _normalise,
+    _Writer,
+    chunks,
+    npz_is_readable,
+    png_name,
+    remove_stale_temporaries,
+)
 
 #: the indices one `torch.Generator` covers for block-wise samplers (teacher, k-step); part of the settings
 DEFAULT_BLOCK_SIZE = 64
@@ -326,13 +342,49 @@ def _run(req: SampleRequest, device: str, dist, progress: Progress) -> SampleRes
     if out is None:
         out = _find_resumable(src.parent, prefix, settings, req.n) or new_folder(src.parent, prefix)
     if dist.enabled:  # every rank writes into rank 0's choice (a time stamp may differ between ranks)
-        import torch.distributed as tdist
-
         chosen = [str(out)]
         tdist.broadcast_object_list(chosen, src=0)
         out = chosen[0]
     out = Path(out)
-    old = _check_out_dir(out, settings, req.n)
+    _check_out_dir(out, settings, req.n)  # a folder that is not a dd2 sample set gets no lock file
+    lock = _lock_for_job(out, dist)
+    try:
+        return _write_set(req, src, mode, k, schedule, sampling, settings, out, device, dist, progress)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _lock_for_job(out: Path, dist) -> Optional[SampleFolderLock]:
+    """Rank 0 takes the folder's lock for the whole job; every rank refuses when it is held by someone else.
+
+    All ranks of one torchrun job write into the folder (each its own blocks), so a lock per process would shut
+    out the job's own ranks. Rank 0 holds it for the job instead, from before anyone reads the old manifest
+    until after the final one is written (rank 0 is the last to touch the folder), and tells the other ranks
+    whether it got it: another job's ranks, like a second single process, stop before writing anything.
+    """
+    lock, refusal = None, None
+    if dist.is_main:
+        lock = SampleFolderLock(out)
+        try:
+            lock.acquire()
+        except DD2Error as exc:
+            lock, refusal = None, str(exc)
+    if dist.enabled:
+        shared = [refusal]
+        tdist.broadcast_object_list(shared, src=0)
+        refusal = shared[0]
+    if refusal is not None:
+        raise DD2Error(refusal)
+    return lock
+
+
+def _write_set(req: SampleRequest, src: _Source, mode: str, k: int, schedule: LabelSchedule, sampling,
+               settings: dict, out: Path, device: str, dist, progress: Progress) -> SampleResult:
+    """Write (or finish) the sample set in `out`; the caller holds the folder's lock."""
+    spec = src.spec
+    blockwise = mode in ("teacher", "k-step")
+    old = _check_out_dir(out, settings, req.n)  # again, under the lock: a writer before us may have changed it
     barrier(dist)  # every rank has read the old manifest before rank 0 rewrites it
     progress.message(f"Source: {src.describe}; mode: {mode}{f' ({k} steps)' if k > 1 else ''}")
     progress.message(f"{'Resuming' if old else 'Writing'} {req.n} samples {'in' if old else 'to'} {out}")
@@ -341,9 +393,8 @@ def _run(req: SampleRequest, device: str, dist, progress: Progress) -> SampleRes
         "created": (old or {}).get("created") or _dt.datetime.now().isoformat(timespec="seconds"),
     }
     if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        for tmp in out.glob(".[0-9]*.png.*.tmp"):  # PNG writes cut short by a kill (never renamed into place)
-            tmp.unlink(missing_ok=True)
+        # writes cut short by a kill (never renamed into place); under the lock no live writer owns one
+        remove_stale_temporaries(out)
         write_json(out / "manifest.json", {**(old or {}), **manifest, "complete": False})
     barrier(dist)
 
@@ -396,8 +447,6 @@ def _run(req: SampleRequest, device: str, dist, progress: Progress) -> SampleRes
     result.generated = len(todo)
     result.seconds = time.perf_counter() - t0
     if dist.enabled:  # report the totals over all ranks (the slowest rank's time)
-        import torch.distributed as tdist
-
         totals = torch.tensor([result.generated, result.existing, result.seconds], dtype=torch.float64,
                               device=device)
         tdist.all_reduce(totals[:2])
@@ -414,7 +463,8 @@ def _run(req: SampleRequest, device: str, dist, progress: Progress) -> SampleRes
         except StopIteration:
             pass
         up_to_date = (old is not None and old.get("complete") and int(old.get("n", 0)) == req.n and npz_name
-                      and result.generated == 0 and (out / "preview.png").is_file())
+                      and result.generated == 0 and (out / "preview.png").is_file()
+                      and npz_is_readable(out / npz_name, req.n))  # an npz damaged since is written again
         if up_to_date:
             result.npz, result.preview = out / npz_name, out / "preview.png"
             write_json(out / "manifest.json", old)  # as it was before this run marked it incomplete

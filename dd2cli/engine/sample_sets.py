@@ -4,11 +4,16 @@ refused with one sentence).
 
 A folder holds `000000.png`, ... (one per global index), `manifest.json` (every setting and the source's
 identity: a re-run with other settings is refused, one with the same settings finishes the missing PNGs),
-`samples_NxHxWx3.npz` and `preview.png`.
+`samples_NxHxWx3.npz`, `preview.png` and `.dd2-sample.lock`, the lock its writer holds (`SampleFolderLock`).
+
+Every file is written to a temporary name unique to the writing process and renamed into place, and the manifest
+says `complete` only after the npz and the preview are in place: a kill at any moment leaves the old state or the
+new one, never a half-written file under a final name, and a re-run finishes the set.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -29,7 +34,14 @@ from ..images import save_grid, to_uint8
 from .adm_npz import _npz_keys, _NpzMember, write_adm_npz
 from .labels import labels_from_manifest
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows has no flock; one writer per folder is then up to the user
+    fcntl = None
+
 PREVIEW_COUNT = 100
+#: the lock file inside a sample folder; it stays after the write (see `SampleFolderLock`)
+LOCK_NAME = ".dd2-sample.lock"
 
 
 def png_name(index: int) -> str:
@@ -71,7 +83,8 @@ def _check_out_dir(out: Path, settings: dict, n: int) -> Optional[dict]:
         raise DD2Error(f"{out} exists and is not a folder; choose another --out.")
     manifest = out / "manifest.json"
     if not manifest.is_file():
-        if any(out.iterdir()):
+        # the lock file alone (a writer killed before its first manifest) does not make the folder someone else's
+        if any(p.name != LOCK_NAME for p in out.iterdir()):
             raise DD2Error(f"{out} is not empty and is not a dd2 sample set (no manifest.json); choose another --out.")
         return None
     old = read_json(manifest)
@@ -83,6 +96,64 @@ def _check_out_dir(out: Path, settings: dict, n: int) -> Optional[dict]:
         raise DD2Error(f"{out} already holds {old['n']} samples; pass -n {old['n']} or more to resume it, or choose "
                        f"another --out.")
     return old
+
+
+class SampleFolderLock:
+    """An exclusive `flock` on `FOLDER/.dd2-sample.lock`, held by the one process that writes the folder.
+
+    Non-blocking: a second writer is refused at once instead of waiting behind a job of hours. The kernel releases
+    a flock when its holder exits, however it exits (SIGKILL included), so a stale lock file never blocks a re-run.
+    The file is never deleted: unlinking a flocked file lets a process that opened the old file and a process that
+    creates a new one both believe they hold the lock.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        self.fd: Optional[int] = None
+
+    def acquire(self) -> None:
+        """Take the lock (creating the folder if needed); a DD2Error, with nothing written, when it is held."""
+        if fcntl is None:  # pragma: no cover - see the import
+            return
+        path = self.folder / LOCK_NAME
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            # O_CREAT leaves an existing lock file as it is: a refused writer changes nothing in the folder
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        except OSError as exc:
+            raise DD2Error(f"Cannot create {path} ({exc.strerror or exc}); choose a writable --out.") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise DD2Error(f"Another dd2 sample is writing to {self.folder}; wait for it to finish or choose "
+                               f"another --out.") from None
+            raise DD2Error(f"Cannot lock {path} ({exc.strerror or exc}); choose an --out on a file system with "
+                           f"file locks.") from None
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the last descriptor of the open file releases the flock
+            self.fd = None
+
+
+def remove_stale_temporaries(out: Path) -> None:
+    """Delete the temporary files of writes cut short by a kill (PNGs, npz, manifest, preview: `.NAME.*.tmp`).
+
+    Only for the lock's holder: in a locked dd2 sample folder every temporary file belongs to a dead writer.
+    """
+    for tmp in out.glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
+def npz_is_readable(path: Path, n: int) -> bool:
+    """Whether `path` opens as an ADM npz of `n` images (its zip directory is read; a truncated file fails)."""
+    try:
+        return _NpzMember(path, "arr_0").shape[0] == n
+    except (DD2Error, KeyError):
+        return False
 
 
 def _save_png(path: Path, image_HW3: np.ndarray) -> None:
@@ -136,6 +207,8 @@ def _finalise(out: Path, n: int, labels: np.ndarray) -> tuple[Path, Path]:
         first = _read_pngs(out, [0], pool)
         h, w = first.shape[1:3]
         npz = out / f"samples_{n}x{h}x{w}x3.npz"
+        # an npz of an earlier, smaller set goes first (disk space); the manifest says incomplete until the new one
+        # is in place, so a kill in between only means a re-run writes it
         for old in out.glob("samples_*x*x*x3.npz"):
             if old != npz:
                 old.unlink()
