@@ -151,14 +151,15 @@ def test_random_miniature_passes_the_contract(tmp_path, name, build):
 @pytest.mark.parametrize("name", DOWNLOAD_ONLY)
 def test_download_only_variant_without_weights_is_one_clear_error(installed, tmp_path, name):
     variant = installed.get(name)
-    missing = next(w for w in variant.weights if w.bundled is None)
     with pytest.raises(MissingWeightsError) as info:
         variant.load(weights_dir=tmp_path)
     message = str(info.value)
     assert "\n" not in message and ". " not in message and message.endswith("."), message  # one sentence
-    assert f"'{name}'" in message and missing.filename in message and f"--weights {missing.key}=PATH" in message
-    if missing.url:
-        assert missing.url in message
+    assert f"'{name}'" in message
+    for missing in (w for w in variant.weights if w.bundled is None):  # every missing file, not just the first
+        assert missing.filename in message and f"--weights {missing.key}=PATH" in message
+        if missing.url:
+            assert missing.url in message
 
 
 @pytest.mark.parametrize("name", sorted(REGISTRY.variants))
