@@ -137,9 +137,13 @@ class ExportFormat(str, Enum):
 class RichProgress:
     """A live bar on stderr for any engine task: done/total, the latest losses, a rate, elapsed time, ETA.
 
-    `transient` bars disappear when done (feature passes); a display that is not a terminal (a log file,
-    a pipe) gets no bar, only the messages.
+    `transient` bars disappear when done (feature passes). Where stderr is not a terminal (a log file, a pipe, a
+    batch job) a bar would only leave control codes, so the same facts come as plain lines instead: at the start,
+    every tenth of the task, at least once a minute, and at the end.
     """
+
+    #: the longest silence between two plain progress lines, in seconds
+    LINE_EVERY_S = 60.0
 
     def __init__(self, transient: bool = False, console: Console | None = None) -> None:
         self._console = console or err_console
@@ -149,12 +153,24 @@ class RichProgress:
         self._unit = ""
         self._t0 = 0.0
         self._done = 0
+        # plain-line mode
+        self._plain = False
+        self._description, self._total, self._completed, self._start_completed = "", 0, 0, 0
+        self._last_line_t, self._last_line_completed = 0.0, -1
+        self._metrics: Mapping[str, float] = {}
 
     def start(self, description: str, total: int, completed: int = 0, unit: str = "") -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
         self.stop()
+        self._unit = unit or "images"
+        self._t0, self._done = time.perf_counter(), 0
         if not self._console.is_terminal:
+            self._plain = True
+            self._description, self._total = description, total
+            self._completed = self._start_completed = completed
+            self._metrics = {}
+            self._line(force=True)
             return
         self._p = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                            TextColumn("{task.fields[metrics]}"), TextColumn("{task.fields[rate]}"),
@@ -162,31 +178,66 @@ class RichProgress:
                            transient=self._transient)
         self._p.start()
         self._task = self._p.add_task(escape(description), total=total, completed=completed, metrics="", rate="")
-        self._unit = unit or "images"
-        self._t0, self._done = time.perf_counter(), 0
 
     def advance(self, count: int = 1) -> None:
+        self._done += count
+        if self._plain:
+            self._completed += count
+            self._line()
+            return
         if self._p is None:
             return
-        self._done += count
         rate = self._done / max(time.perf_counter() - self._t0, 1e-9)
         self._p.update(self._task, advance=count, rate=f"{rate:.1f} {self._unit}/s")
 
     def update(self, completed: int, metrics: Optional[Mapping[str, float]] = None) -> None:
+        metrics = metrics or {}
+        if self._plain:
+            self._completed, self._metrics = completed, metrics
+            self._line()
+            return
         if self._p is None:
             return
-        metrics = metrics or {}
         shown = "  ".join(f"{k[5:]} {v:.4g}" for k, v in metrics.items() if k.startswith("loss_"))
         rate = f"{metrics['it_s']:.2f} it/s" if "it_s" in metrics else ""
         self._p.update(self._task, completed=completed, metrics=shown, rate=rate)
 
+    def _line(self, force: bool = False) -> None:
+        """One plain progress line, when a tenth of the task has passed, a minute has, or the task is done."""
+        now = time.perf_counter()
+        step = max(1, self._total // 10)
+        due = (self._completed // step > self._last_line_completed // step or self._completed >= self._total
+               or now - self._last_line_t >= self.LINE_EVERY_S)
+        if not (force or due) or self._completed == self._last_line_completed:
+            return
+        elapsed = now - self._t0
+        parts = [f"{self._description}: {self._completed}/{self._total}"]
+        parts += [f"{k[5:]} {v:.4g}" for k, v in self._metrics.items() if k.startswith("loss_")]
+        new = self._completed - self._start_completed
+        if new > 0 and elapsed > 0:
+            rate = new / elapsed
+            parts.append(f"{rate:.2f} {'it' if self._unit == 'it' else self._unit}/s")
+            left = (self._total - self._completed) / rate
+            parts.append(f"elapsed {_clock(elapsed)}, ETA {_clock(left)}")
+        self._console.print("  ".join(parts), highlight=False, markup=False, soft_wrap=True)
+        self._last_line_t, self._last_line_completed = now, self._completed
+
     def stop(self) -> None:
+        self._plain = False
         if self._p is not None:
             self._p.stop()
             self._p = None
 
     def message(self, text: str) -> None:
         self._console.print(text, highlight=False, markup=False, soft_wrap=True)
+
+
+def _clock(seconds: float) -> str:
+    """`1:02:03` / `2:03`."""
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
 def progress_for(quiet: bool, transient: bool = False) -> RichProgress | None:

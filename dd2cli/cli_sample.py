@@ -37,11 +37,12 @@ def sample(
                                            "independently from its per-class marginal (paper App. E.5)."),
     baseline_samples: int = typer.Option(2000, "--baseline-samples", help="Teacher samples that estimate the "
                                          "set-prediction marginals (cached)."),
-    n: int = typer.Option(50000, "--num-samples", "-n", help="Number of images (the ADM protocol uses 50000)."),
+    n: int = typer.Option(1000, "--num-samples", "-n", help="Number of images (a quick look; FID against the ADM "
+                          "reference uses -n 50000)."),
     batch_size: int = typer.Option(64, "--batch-size", "-b", help="Images per forward pass (does not change "
                                    "any image)."),
-    labels: str = typer.Option("uniform", "--labels", help="uniform, balanced (i mod classes) or a comma list "
-                               "of class ids, cycled."),
+    labels: str = typer.Option("auto", "--labels", help="auto (balanced when the class count divides -n, else "
+                               "uniform), uniform, balanced (i mod classes) or a comma list of class ids, cycled."),
     seed: int = typer.Option(0, "--seed", help="Sample i depends only on the seed and i."),
     cfg: Optional[float] = typer.Option(None, "--cfg", help="Guidance (family convention; default: the "
                                         "teacher's evaluation setting). Used by the teacher and k-step."),
@@ -52,7 +53,7 @@ def sample(
     block_size: int = typer.Option(64, "--block-size", help="Indices per random generator for the teacher and "
                                    "k-step sampling (changing it changes those images)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default: samples/<source>-"
-                                       "<mode>-<time> under the run, or ./samples for a teacher). Re-running "
+                                       "<mode>-<time> under the run, or under ./dd2-samples for a teacher). Re-running "
                                        "into it finishes the missing images."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
     precision: Precision = typer.Option(Precision.fp32, "--precision", help="fp32, or bf16 (CUDA autocast; refused on CPU)."),

@@ -273,17 +273,17 @@ def test_digits_metrics_of_teacher_sample_sets(tmp_path, monkeypatch):
     for args, out in ((["--teacher", "var-digits"], "teacher"),
                       (["--teacher", "var-digits", "--baseline", "set-prediction", "--baseline-samples", "100"],
                        "baseline")):
-        res = runner.invoke(app, ["-q", "sample", *args, "-n", "40", "--labels", "balanced", "--out", f"samples/{out}"])
+        res = runner.invoke(app, ["-q", "sample", *args, "-n", "40", "--labels", "balanced", "--out", f"dd2-samples/{out}"])
         assert res.exit_code == 0, res.output
-    res = runner.invoke(app, ["eval", "all", "samples/teacher", "samples/baseline"])
+    res = runner.invoke(app, ["eval", "all", "dd2-samples/teacher", "dd2-samples/baseline"])
     assert res.exit_code == 0, res.output
-    teacher = json.loads((tmp_path / "samples/teacher/eval-digits.json").read_text())
+    teacher = json.loads((tmp_path / "dd2-samples/teacher/eval-digits.json").read_text())
     assert teacher["features"] == "digits" and teacher["sample_settings"]["mode"] == "teacher"
     assert teacher["metrics"]["class_consistency"] > 0.8
     # without a path: the most recent complete sample set
     res = runner.invoke(app, ["eval", "class-consistency"])
     assert res.exit_code == 0, res.output
-    assert "samples/baseline" in res.output.replace("\n", "")
+    assert "dd2-samples/baseline" in res.output.replace("\n", "")
 
 
 def test_bad_sample_sets_are_one_sentence(tmp_path):

@@ -362,3 +362,20 @@ def test_paths_with_brackets_are_printed_as_they_are(synthetic_plugin, tmp_path)
     assert f"Samples: {out}" in plain(res.output)
     res = runner.invoke(app, ["sample", "--from", str(tmp_path / "[/x]"), "--out", str(tmp_path / "o")])
     assert res.exit_code == 2 and f"{tmp_path / '[/x]'} is neither a distillation run" in plain(res.output)
+
+
+def test_defaults_a_newcomer_expects(synthetic_plugin, tmp_path, monkeypatch):
+    """`dd2 sample --teacher T` alone: 1,000 images (not 50,000), balanced labels when the class count divides n,
+    written under ./dd2-samples/, which the repository's .gitignore covers."""
+    monkeypatch.chdir(tmp_path)
+    res = runner.invoke(app, ["-q", "sample", "--teacher", "synthetic-corr"])
+    assert res.exit_code == 0, res.output
+    (folder,) = (tmp_path / "dd2-samples").iterdir()
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["n"] == 1000 and manifest["settings"]["labels"] == "balanced"
+    assert manifest["label_counts"] == [500, 500] and len(_pngs(folder)) == 1000
+    res = runner.invoke(app, ["-q", "sample", "--teacher", "synthetic-corr", "-n", "7", "--out", "odd"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "odd" / "manifest.json").read_text())["settings"]["labels"] == "uniform"
+    gitignore = (Path(__file__).resolve().parents[1] / ".gitignore").read_text().split()
+    assert "dd2-samples/" in gitignore

@@ -89,10 +89,10 @@ def find_latest_run() -> Path:
 
 
 def find_latest_sample_set() -> Path:
-    """The newest complete dd2 sample set under the runs folder and ./samples."""
-    markers = [*default_runs_dir().glob("*/samples/*/manifest.json"), *Path("samples").glob("*/manifest.json")]
+    """The newest complete dd2 sample set under the runs folder and ./dd2-samples."""
+    markers = [*default_runs_dir().glob("*/samples/*/manifest.json"), *Path("dd2-samples").glob("*/manifest.json")]
     best = _newest(markers, lambda manifest: bool(manifest.get("complete")))
     if best is None:
-        raise DD2Error(f"No finished sample set found under {default_runs_dir()} or ./samples; run 'dd2 sample' first "
+        raise DD2Error(f"No finished sample set found under {default_runs_dir()} or ./dd2-samples; run 'dd2 sample' first "
                        f"or pass the samples' path.")
     return best

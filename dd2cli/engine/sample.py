@@ -79,9 +79,9 @@ class SampleRequest:
     steps: Optional[int] = None
     baseline: Optional[str] = None
     baseline_samples: int = 2000
-    n: int = 50000
+    n: int = 1000  # a quick look; the ADM protocol's 50,000 is asked for explicitly
     batch_size: int = 64
-    labels: str = "uniform"
+    labels: str = "auto"  # balanced when the class count divides n, else uniform
     seed: int = 0
     cfg: Optional[float] = None
     top_k: Optional[int] = None
@@ -120,7 +120,7 @@ class _Source:
     generator: Any = None
     bundle: Any = None
     run_dir: Optional[Path] = None
-    parent: Path = Path("samples")  # default folder of new sample sets
+    parent: Path = Path("dd2-samples")  # default folder of new sample sets (a teacher's: not under a run)
 
     def one_step_images(self, eps_BNd: Tensor, labels_B: Tensor) -> Tensor:
         if self.bundle is not None:
@@ -179,6 +179,14 @@ def _resolve_source(req: SampleRequest, device: str, progress: Progress) -> _Sou
     ident, describe = _run_identity(path, req.which, info, teacher)
     return _Source("run", req.which, teacher.spec, ident, describe, teacher=teacher, generator=gen.eval(),
                    run_dir=path, parent=path / "samples")
+
+
+def _recorded_labels(out: Optional[Path]) -> Optional[str]:
+    """The label schedule of the sample set already at `out`, if there is a readable one."""
+    try:
+        return str(read_json(Path(out) / "manifest.json")["settings"]["labels"]) if out is not None else None
+    except (OSError, DD2Error, KeyError, TypeError):
+        return None
 
 
 def _resolve_mode(req: SampleRequest, src: _Source) -> tuple[str, int]:
@@ -324,7 +332,11 @@ def _run(req: SampleRequest, device: str, dist, progress: Progress) -> SampleRes
             raise DD2Error(_COMPILE_NEEDS_GENERATOR)
         src.generator = maybe_compile(src.generator, True)
     spec = src.spec
-    schedule = LabelSchedule(req.labels, spec.num_classes, req.seed)
+    labels = req.labels
+    if labels.strip().lower() == "auto":  # every class the same count when it can be: what evaluation tables expect
+        # (a set being extended keeps the labels it was started with)
+        labels = _recorded_labels(req.out) or ("balanced" if req.n % spec.num_classes == 0 else "uniform")
+    schedule = LabelSchedule(labels, spec.num_classes, req.seed)
     sampling = _sampling_settings(req, spec)
     uses_sampling = mode in ("teacher", "k-step", "set-prediction")
     blockwise = mode in ("teacher", "k-step")
