@@ -379,3 +379,16 @@ def test_defaults_a_newcomer_expects(synthetic_plugin, tmp_path, monkeypatch):
     assert json.loads((tmp_path / "odd" / "manifest.json").read_text())["settings"]["labels"] == "uniform"
     gitignore = (Path(__file__).resolve().parents[1] / ".gitignore").read_text().split()
     assert "dd2-samples/" in gitignore
+
+
+def test_the_preview_has_one_row_per_class_like_the_runs_sample_grids(synthetic_plugin, tmp_path):
+    from PIL import Image
+
+    from dd2cli.engine.sample_sets import preview_rows
+
+    assert preview_rows(np.array([0, 1, 0, 1, 0, 1, 0])) == [[0, 2, 4], [1, 3, 5]]  # rows as long as the shortest
+    assert preview_rows(np.arange(30) % 3, classes=2, per_class=4) == [[0, 3, 6, 9], [1, 4, 7, 10]]
+    _sample("--teacher", "synthetic-corr", "-n", 8, "--labels", "balanced", "--out", tmp_path / "s")
+    size = Image.open(tmp_path / "s" / "000000.png").size[0]
+    tile = size * max(1, 64 // size)
+    assert Image.open(tmp_path / "s" / "preview.png").size == (4 * (tile + 1) + 1, 2 * (tile + 1) + 1)  # 2 classes

@@ -39,7 +39,6 @@ try:
 except ImportError:  # pragma: no cover - Windows has no flock; one writer per folder is then up to the user
     fcntl = None
 
-PREVIEW_COUNT = 100
 #: the lock file inside a sample folder; it stays after the write (see `SampleFolderLock`)
 LOCK_NAME = ".dd2-sample.lock"
 
@@ -213,10 +212,26 @@ def _finalise(out: Path, n: int, labels: np.ndarray) -> tuple[Path, Path]:
             if old != npz:
                 old.unlink()
         write_adm_npz(npz, (_read_pngs(out, chunk, pool) for chunk in chunks(range(n), 256)), n, h, w, labels)
-        preview = _read_pngs(out, range(min(n, PREVIEW_COUNT)), pool)
+        rows = preview_rows(labels)
+        preview = _read_pngs(out, [i for row in rows for i in row], pool)
     grid_path = out / "preview.png"
-    save_grid(grid_path, torch.from_numpy(preview).permute(0, 3, 1, 2).float() / 255, ncol=10)
+    save_grid(grid_path, torch.from_numpy(preview).permute(0, 3, 1, 2).float() / 255, ncol=len(rows[0]))
     return npz, grid_path
+
+
+def preview_rows(labels: np.ndarray, classes: int = 10, per_class: int = 10) -> list[list[int]]:
+    """Indices for the preview grid: one row per class (as the run's sample grids), the first `classes` classes
+    that occur, up to `per_class` images each (every row as long as the shortest, so the grid stays a grid)."""
+    rows: dict[int, list[int]] = {}
+    for i, label in enumerate(labels.tolist()):
+        row = rows.setdefault(int(label), [])
+        if len(row) < per_class:
+            row.append(i)
+        if len(rows) >= classes and all(len(r) >= per_class for r in rows.values()):
+            break
+    chosen = [rows[c] for c in sorted(rows)[:classes]]
+    width = min(len(r) for r in chosen)
+    return [r[:width] for r in chosen]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
