@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import typer
+from rich import box
 from rich.markup import escape
 from rich.table import Table
 
@@ -14,8 +15,8 @@ from .cli_common import Features, Precision, Resize, console, handle_errors, par
 from .errors import DD2Error
 
 _FORMAT = {"fid": ("FID", "{:.3f}"), "sfid": ("sFID", "{:.3f}"), "is": ("IS", "{:.2f}"),
-           "precision": ("precision", "{:.3f}"), "recall": ("recall", "{:.3f}"),
-           "class_consistency": ("class-consistency", "{:.3f}")}
+           "precision": ("prec.", "{:.3f}"), "recall": ("recall", "{:.3f}"),
+           "class_consistency": ("class-cons.", "{:.3f}")}
 
 
 def _short(path: Path) -> str:
@@ -34,16 +35,26 @@ def _print_results(results, as_json: bool) -> None:
     keys = [k for k in _FORMAT if any(k in r.metrics for r in results)]
     first = results[0]
     title = escape(f"dd2 eval ({first.features} features, reference {first.reference})")  # (paths are not markup)
-    table = Table(title=title)
-    table.add_column("samples", overflow="fold")
-    table.add_column("source")
-    table.add_column("n", justify="right")
+    # fits 80 columns: a set is named by its folder (the full paths follow the table), numbers never wrap
+    # fits 80 columns: a set is named by its folder, numbers never wrap; with many metrics the source (teacher,
+    # mode) moves from its column to the lines under the table, which also give the full paths
+    with_source = len(keys) <= 3
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("set", overflow="fold")
+    if with_source:
+        table.add_column("source", overflow="fold")
+    table.add_column("n", justify="right", no_wrap=True)
     for k in keys:
-        table.add_column(_FORMAT[k][0], justify="right")
+        table.add_column(_FORMAT[k][0], justify="right", no_wrap=True)
     for r in results:
-        table.add_row(escape(_short(r.samples)), escape(r.source or "-"), str(r.count),
+        source = [escape(r.source or "-")] if with_source else []
+        table.add_row(escape(Path(r.samples).name), *source, str(r.count),
                       *[_FORMAT[k][1].format(r.metrics[k]) if k in r.metrics else "-" for k in keys])
     console.print(table)
+    if not with_source or len(results) > 1:
+        for r in results:
+            source = "" if with_source or not r.source else f"{r.source}, "
+            say(f"{Path(r.samples).name}: {source}{_short(r.samples)}")
     for path in dict.fromkeys(r.json_path for r in results if r.json_path is not None):
         say(f"Written: {path}")
 
@@ -51,6 +62,7 @@ def _print_results(results, as_json: bool) -> None:
 def _metric_command(metrics: tuple[str, ...], doc: str) -> Callable:
     @handle_errors
     def command(
+        ctx: typer.Context,
         samples: Optional[list[Path]] = typer.Argument(None, help="Sample sets: folders of PNGs or ADM .npz files "
                                                        "(default: the most recent dd2 sample set)."),
         ref: Optional[Path] = typer.Option(None, "--ref", help="Reference: an ADM reference .npz (its mu/sigma are "
@@ -68,11 +80,13 @@ def _metric_command(metrics: tuple[str, ...], doc: str) -> Callable:
         json_out: Optional[Path] = typer.Option(None, "--json-out", help="Write the results file here (default: "
                                                 "eval-<features>.json next to each sample set)."),
         as_json: bool = typer.Option(False, "--json", help="Print the results as JSON on stdout instead of a table."),
-        threads: int = typer.Option(0, "--threads", help="CPU threads for torch (0 = torch's default)."),
+        threads: int = typer.Option(-1, "--threads", help="CPU threads for torch: -1 = one per idle "
+                                    "core (the count is said on stderr), 0 = torch's default, N = N; the "
+                                    "same on every dd2 command."),
     ) -> None:
         from .engine.evaluate import EvalRequest, evaluate
 
-        set_threads(threads)
+        set_threads(ctx, threads)
 
         req = EvalRequest(metrics=metrics, samples=tuple(samples or ()), ref=ref, features=features.value,
                           inception_weights=inception_weights, resize=resize.value, batch_size=batch_size, device=device,
@@ -103,6 +117,7 @@ def eval_app() -> typer.Typer:
     @eval_app.command("speed")
     @handle_errors
     def speed(
+        ctx: typer.Context,
         source: Optional[Path] = typer.Option(None, "--from", help="A distillation run (default: the most recent)."),
         teacher: Optional[str] = typer.Option(None, "--teacher", "-t", help="Time a teacher against an untrained "
                                               "generator of the default architecture (speed does not depend on "
@@ -117,12 +132,14 @@ def eval_app() -> typer.Typer:
         precision: Precision = typer.Option(Precision.fp32, "--precision", help="fp32, or bf16 (CUDA autocast; refused on CPU)."),
         compile_: bool = typer.Option(False, "--compile", help="torch.compile the one-step generator (compiled "
                                       "during the warm-up runs)."),
-        threads: int = typer.Option(0, "--threads", help="CPU threads for torch (0 = torch's default)."),
+        threads: int = typer.Option(-1, "--threads", help="CPU threads for torch: -1 = one per idle "
+                                    "core (the count is said on stderr), 0 = torch's default, N = N; the "
+                                    "same on every dd2 command."),
     ) -> None:
         """Images/s and latency of the one-step generator vs the teacher (and k-step), decode included."""
         from .engine.speed import SpeedRequest, measure_speed
 
-        set_threads(threads)
+        set_threads(ctx, threads)
 
         try:
             k_steps = tuple(int(s) for s in steps.split(",") if s.strip())
