@@ -78,14 +78,23 @@ def parse_weights(items: list[str]) -> dict[str, str]:
     return out
 
 
-def set_threads(threads: int) -> None:
-    """`--threads N`: N torch threads for this process (0 keeps torch's default)."""
-    if threads < 0:
-        raise typer.BadParameter(f"--threads must be >= 0 (0 = torch's default), got {threads}.")
-    if threads:
-        import torch
+def set_threads(ctx: typer.Context, threads: int) -> int:
+    """`--threads`, the policy of every command: -1 = one per idle core, 0 = torch's default, N = N.
 
-        torch.set_num_threads(threads)
+    The count holds until the command ends and the caller's comes back then (`torch_threads` on the command's
+    context), so an in-process caller (a test, a notebook) keeps its own; what -1 chose is said on stderr, as
+    `dd2 distill` does. Returns the count (0: torch's default left alone).
+    """
+    if threads < -1:
+        raise typer.BadParameter(f"--threads must be -1 (one per idle core), 0 (torch's default) or a count >= 1, "
+                                 f"got {threads}.")
+    from .engine.runtime import resolve_threads, torch_threads  # (torch: when a command runs, not at start-up)
+
+    count = resolve_threads(threads)
+    if threads < 0:
+        say(f"{count} torch thread(s): one per idle core (--threads -1)", style="dim")
+    ctx.with_resource(torch_threads(count))
+    return count
 
 
 # ---- choices: `--help` lists them, typer refuses anything else ------------------------------------------

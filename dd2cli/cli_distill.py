@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
+from rich import box
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from .cli_common import Stage, console, handle_errors, parse_weights, progress_for, say, show, state
 from .config import describe
 from .files import read_json
 from .settings import DistillSettings
+
+if TYPE_CHECKING:
+    from .engine.distill import Prepared
 
 
 @handle_errors
@@ -32,25 +38,21 @@ def distill(
                               "a run whose stage 1 is done) or all."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N (default: the setting, auto)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Base random seed (default: the setting, 0)."),
-    list_settings: bool = typer.Option(False, "--list-settings", help="Print every setting with its default and "
-                                       "meaning, then exit."),
+    list_settings: bool = typer.Option(False, "--list-settings", help="Print every setting this run would use "
+                                       "(after --teacher, --config, --set or --resume), where its value comes from "
+                                       "and what it means, then exit without writing anything."),
 ) -> None:
     """Distil a teacher into a one-step generator: stage 1 (GTS init) then stage 2 (CSD). Resumable.
 
     Runs data-parallel under torchrun: torchrun --nproc_per_node N -m dd2cli distill ...
     """
-    from .engine.distill import DistillRequest, run  # (torch: imported when a command runs, not at start-up)
+    from .engine.distill import DistillRequest, prepare, run  # (torch: imported when a command runs, not at start-up)
 
-    if list_settings:
-        table = Table(title="dd2 distill settings (--set KEY=VALUE, or in a TOML file)")
-        for col in ("key", "type", "default", "meaning"):
-            table.add_column(col, overflow="fold")
-        for key, tp, default, help_ in describe(DistillSettings):
-            table.add_row(key, escape(tp), escape(repr(default)), escape(help_))
-        console.print(table)
-        return
     req = DistillRequest(teacher=teacher, weights=parse_weights(weights), config=config, overrides=tuple(set_),
                          out=out, resume=resume, stage=stage.value, device=device, seed=seed)
+    if list_settings:  # the engine resolves the settings exactly as the run would; it reads and writes nothing
+        console.print(settings_table(prepare(req), resumed=resume is not None))
+        return
     progress = progress_for(state.quiet)
 
     def ready(run_dir: Path, info: dict) -> None:
@@ -62,6 +64,52 @@ def distill(
         show(f"Sample grid: {result.grid}")
     if stage != Stage.one:  # (after stage 1 alone there is no generator to score yet)
         _quality_table(result.run_dir, device, result.threads)
+
+
+#: between a setting's value and where it comes from, in `--list-settings`
+SOURCE_MARK = "  · from "
+
+
+def _toml(value: object) -> str:
+    """A setting's value as `--set` and a TOML file write it (`unset` for an optional value left to the variant)."""
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)  # (a TOML basic string is a JSON string)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return repr(value)
+
+
+def settings_table(prepared: Prepared, resumed: bool = False) -> Table:
+    """Every setting of a prepared run: the key, then its value and source on the same line (so that a grep for
+    the key finds both), the meaning and type below.
+
+    Cells are `Text`, never markup, so values, types and help in brackets (`[t_min, 1]`) print as they are; the
+    key column never wraps and is as wide as the longest key, and the meaning folds at spaces in the rest.
+    """
+    rows = describe(DistillSettings)
+    title = (f"Settings of the resumed run {prepared.run_dir}" if resumed else
+             f"Settings of a new run of {prepared.info['teacher']}") + " (--set KEY=VALUE, or in a TOML file)"
+    table = Table(title=Text(title), title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("setting", no_wrap=True, min_width=max(len(key) for key, *_ in rows))
+    table.add_column("value · from where · meaning", ratio=1)
+    for key, type_name, _, help_ in rows:
+        value = prepared.settings
+        for part in key.split("."):
+            value = getattr(value, part)
+        cell = Text(_toml(value), style="bold")
+        cell.append(f"{SOURCE_MARK}{prepared.sources[key]}", style="cyan")
+        cell.append(f"\n{help_} ({type_name})", style="dim")
+        table.add_row(Text(key), cell)
+    recorded = prepared.info.get("threads") if resumed else None
+    if isinstance(recorded, int) and recorded > 0:
+        table.caption = Text(f"--resume computes with the {recorded} torch thread(s) recorded in config.json unless "
+                             f"--set threads=N asks for another count.")
+        table.caption_justify = "left"
+    return table
 
 
 def _quality_table(run_dir: Path, device: Optional[str], threads: int = 0) -> None:

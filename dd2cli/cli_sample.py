@@ -23,6 +23,7 @@ from .cli_common import (
 
 @handle_errors
 def sample(
+    ctx: typer.Context,
     source: Optional[Path] = typer.Option(None, "--from", help="A distillation run directory or an exported "
                                           "bundle (default: the most recent run under the runs folder)."),
     teacher: Optional[str] = typer.Option(None, "--teacher", "-t", help="Sample the teacher itself (its own AR "
@@ -59,8 +60,9 @@ def sample(
     precision: Precision = typer.Option(Precision.fp32, "--precision", help="fp32, or bf16 (CUDA autocast; refused on CPU)."),
     compile_: bool = typer.Option(False, "--compile", help="torch.compile the one-step generator (minutes of "
                                   "compilation before the first image; pays off for large sample sets)."),
-    threads: int = typer.Option(0, "--threads", help="CPU threads for torch (0 = torch's default); 1 is often "
-                                "fastest for the small digits models, and on a machine with another busy job."),
+    threads: int = typer.Option(-1, "--threads", help="CPU threads for torch: -1 = one per idle "
+                                "core (the count is said on stderr), 0 = torch's default, N = N; the "
+                                "same on every dd2 command."),
 ) -> None:
     """Draw a sample set (PNGs + ADM .npz + manifest) from a distilled generator, a bundle or a teacher.
 
@@ -68,7 +70,7 @@ def sample(
     """
     from .engine.sample import SampleRequest, run
 
-    set_threads(threads)
+    set_threads(ctx, threads)
     req = SampleRequest(source=source, teacher=teacher, teacher_weights=parse_weights(weights), which=generator.value, steps=steps,
                         baseline=baseline.value if baseline else None, baseline_samples=baseline_samples, n=n, batch_size=batch_size,
                         labels=labels, seed=seed, cfg=cfg, top_k=top_k, top_p=top_p, temperature=temperature,

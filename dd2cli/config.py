@@ -7,7 +7,8 @@ Values are merged in this order, later wins:
 
 Unknown keys and wrong types are `ConfigError`s that name the key and list the valid ones. The
 resolved settings are saved (`to_dict` → JSON) next to every output, and `from_dict` reads them
-back, so a run can be resumed or reproduced exactly.
+back, so a run can be resumed or reproduced exactly. `resolve_layers` also says which layer each
+value came from (`dd2 distill --list-settings`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import sys
 import types
 import typing
 from pathlib import Path
-from typing import Any, Iterable, Literal, Mapping, TypeVar, get_args, get_origin
+from typing import Any, Iterable, Iterator, Literal, Mapping, TypeVar, get_args, get_origin
 
 from .errors import ConfigError
 
@@ -190,15 +191,51 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"Config file {path} is not a UTF-8 text file.") from None
 
 
+#: the source of a value no layer set: the settings class's own default
+DEFAULT_SOURCE = "dd2 default"
+
+
+def _leaf_keys(data: Mapping[str, Any], known: set[str], prefix: str = "") -> Iterator[str]:
+    """The dotted keys of `known` leaves that `data` sets; a table given for a leaf (a `dict` value) counts as it."""
+    for key, value in data.items():
+        path = prefix + key
+        if isinstance(value, Mapping) and path not in known:
+            yield from _leaf_keys(value, known, path + ".")
+        else:
+            yield path
+
+
+def resolve_layers(cls: type[T], layers: Iterable[tuple[str, Mapping[str, Any]]]) -> tuple[T, dict[str, str]]:
+    """Apply `(source, data)` layers in order (later wins) over the class defaults.
+
+    Returns the settings and `{dotted key: source}` for every leaf: the last layer that set it, else
+    `DEFAULT_SOURCE`. A layer that sets a key to the value it already had is still its source: that is
+    where someone wrote it down.
+    """
+    sources = {key: DEFAULT_SOURCE for key, *_ in describe(cls)}
+    known = set(sources)
+    data: dict[str, Any] = {}
+    for source, layer in layers:
+        data = deep_merge(data, layer)
+        for key in _leaf_keys(layer, known):
+            if key in known:  # (an unknown key is left to `from_dict`, which refuses it and lists the valid ones)
+                sources[key] = source
+    return from_dict(cls, data), sources
+
+
+def config_layers(config: str | Path | None = None, overrides: Iterable[str] = ()) -> list[tuple[str, dict]]:
+    """The layers a TOML file and `--set` overrides add, named after where they come from."""
+    layers: list[tuple[str, dict]] = []
+    if config is not None:
+        layers.append((Path(config).name, read_toml(config)))
+    layers += [("--set", parse_override(text)) for text in overrides]
+    return layers
+
+
 def load_settings(cls: type[T], config: str | Path | None = None, overrides: Iterable[str] = (),
                   base: Mapping[str, Any] | None = None) -> T:
     """Defaults < `base` < TOML `config` < `overrides` (`["a.b=v", ...]`)."""
-    data: dict[str, Any] = dict(base or {})
-    if config is not None:
-        data = deep_merge(data, read_toml(config))
-    for text in overrides:
-        data = deep_merge(data, parse_override(text))
-    return from_dict(cls, data)
+    return resolve_layers(cls, [("base", dict(base or {})), *config_layers(config, overrides)])[0]
 
 
 def describe(cls: type, prefix: str = "") -> list[tuple[str, str, Any, str]]:

@@ -143,7 +143,10 @@ class RunSettings:
 class DistillSettings:
     seed: int = setting(0, "base random seed (ranks add their rank)")
     device: str = setting("auto", "'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:1', ...")
-    threads: int = setting(0, "CPU threads for torch (0 = torch's default; -1 = auto: one per core idle at start)")
+    threads: int = setting(0, "CPU threads for torch: -1 = one per core idle at start, 0 = torch's default, "
+                              "N = N. The count changes how float sums are split, so the same seed gives slightly "
+                              "different weights with another count; config.json records the count a run used and "
+                              "--resume keeps it (a warning when --set threads=N or auto now differs)")
     activation_checkpointing: bool = setting(False, "recompute backbone activations in the backward pass "
                                                     "(less memory, about one more backbone forward per step)")
     precision: Literal["fp32", "bf16"] = setting("fp32", "bf16 autocast (CUDA only); the closed-form score stays fp32")

@@ -3,7 +3,17 @@ from typing import Literal, Optional
 
 import pytest
 
-from dd2cli.config import describe, from_dict, load_settings, parse_override, setting, to_dict
+from dd2cli.config import (
+    DEFAULT_SOURCE,
+    config_layers,
+    describe,
+    from_dict,
+    load_settings,
+    parse_override,
+    resolve_layers,
+    setting,
+    to_dict,
+)
 from dd2cli.errors import ConfigError
 
 
@@ -32,6 +42,19 @@ def test_defaults_file_and_overrides_merge_in_order(tmp_path):
     assert s.stage.lr == 3e-4 and s.stage.steps == 9 and s.stage.kind == "logit-normal"
     assert s.sizes == (4, 5)
     assert from_dict(Outer, to_dict(s)) == s  # the saved form round-trips
+
+
+def test_each_value_is_traced_to_the_last_layer_that_set_it(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('name = "from-file"\n[stage]\nlr = 3e-4\n')
+    layers = [("variant", {"flag": True, "stage": {"lr": 1.0, "steps": 5}}), *config_layers(cfg, ["stage.steps=9",
+                                                                                                   "flag=true"])]
+    s, sources = resolve_layers(Outer, layers)
+    assert s == load_settings(Outer, cfg, ["stage.steps=9", "flag=true"], base=layers[0][1])  # one resolution
+    assert sources == {"name": "c.toml", "flag": "--set", "sizes": DEFAULT_SOURCE, "maybe": DEFAULT_SOURCE,
+                       "stage.lr": "c.toml", "stage.steps": "--set", "stage.kind": DEFAULT_SOURCE}
+    with pytest.raises(ConfigError, match="Unknown setting 'stage.lrr'"):  # an unknown key is still refused
+        resolve_layers(Outer, [("--set", {"stage": {"lrr": 1}})])
 
 
 def test_int_promotes_to_float_but_not_bool_to_int():

@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional
 import torch
 import torch.distributed as torch_dist
 
-from ..config import deep_merge, from_dict, load_settings, parse_override, to_dict
+from ..config import config_layers, resolve_layers, to_dict
 from ..errors import ConfigError, DD2Error, Interrupted
 from ..files import load_safetensors, read_json, save_safetensors, write_json
 from ..flowmap import flow_map_loss
@@ -81,7 +81,7 @@ class DistillResult:
     stage2_step: int = 0
     grid: Optional[Path] = None
     generator: Optional[Any] = None  # the EMA generator (a `Generator` module) after stage 2
-    threads: int = 0  # the torch thread count the run used (0: torch's default)
+    threads: int = 0  # the torch thread count the run used (the one its config.json records)
 
 
 class _Run:
@@ -597,11 +597,31 @@ class _SnappingTeacher:
         return self._t.sampling_logits(self._t.as_tokens(x_BN), labels_B, settings)
 
 
-def prepare(req: DistillRequest) -> tuple[Path, dict, DistillSettings]:
-    """Resolve the run directory, the teacher and the settings; write `config.json` for a new run."""
+@dataclass
+class Prepared:
+    """What a request resolves to before anything is loaded or written (`prepare`)."""
+
+    run_dir: Path
+    info: dict  # what config.json will hold: teacher, weights, settings, and a resumed run's recorded facts
+    settings: DistillSettings
+    sources: dict[str, str]  # dotted setting key -> where its value comes from (`dd2 distill --list-settings`)
+
+
+#: the source of a value taken from a resumed run's config.json
+RUN_SOURCE = "run's config.json"
+
+
+def prepare(req: DistillRequest) -> Prepared:
+    """Resolve the run directory, the teacher and the settings, and where each setting comes from.
+
+    No teacher is loaded and nothing is written here (`config.json` is written once the teacher loads), so
+    `dd2 distill --list-settings` shows what a run would use by asking this function.
+    """
 
     if req.stage not in ("1", "2", "all"):
         raise DD2Error(f"--stage must be 1, 2 or all, not '{req.stage}'.")
+    options = [("--seed", {"seed": req.seed})] if req.seed is not None else []
+    devices = [("--device", {"device": req.device})] if req.device is not None else []
     if req.resume is not None:
         run_dir = Path(req.resume)
         if req.out is not None and Path(req.out).resolve() != run_dir.resolve():
@@ -614,14 +634,9 @@ def prepare(req: DistillRequest) -> tuple[Path, dict, DistillSettings]:
                            f"without --teacher or start a new run with --out.")
         if req.config is not None:
             raise DD2Error("--config cannot change a run being resumed; use --set for individual keys.")
-        data = saved["settings"]
-        for text in req.overrides:
-            data = deep_merge(data, parse_override(text))
-        if req.seed is not None:
-            data = deep_merge(data, {"seed": req.seed})
-        if req.device is not None:
-            data = deep_merge(data, {"device": req.device})
-        settings = from_dict(DistillSettings, data)
+        # the saved settings < --set < --seed < --device
+        settings, sources = resolve_layers(DistillSettings, [(RUN_SOURCE, saved["settings"]),
+                                                             *config_layers(None, req.overrides), *options, *devices])
         # the checkpoints hold networks of the saved architecture: refuse a change before anything is written
         for key in ("width", "depth", "mlp_ratio"):
             old, new = saved["settings"].get("head", {}).get(key), getattr(settings.head, key)
@@ -631,35 +646,67 @@ def prepare(req: DistillRequest) -> tuple[Path, dict, DistillSettings]:
         info = {**saved, "settings": to_dict(settings)}
         if req.weights:
             info["weights"] = {**saved.get("weights", {}), **{k: str(v) for k, v in req.weights.items()}}
-        return run_dir, info, settings
+        return Prepared(run_dir, info, settings, sources)
     name = req.teacher or "var-digits"
     variant = get_variant(name)
-    base: dict = dict(variant.distill_defaults)
-    if req.seed is not None:
-        base["seed"] = req.seed
-    settings = load_settings(DistillSettings, req.config, req.overrides, base=base)
-    if req.device is not None:
-        settings.device = req.device
+    # dd2's defaults < the variant's < --seed < the TOML file < --set < --device
+    settings, sources = resolve_layers(DistillSettings, [(f"{variant.name} defaults", dict(variant.distill_defaults)),
+                                                         *options, *config_layers(req.config, req.overrides),
+                                                         *devices])
     if req.stage == "2":
         raise DD2Error("--stage 2 needs the stage-1 result of an existing run; use it with --resume RUN_DIR.")
     run_dir = Path(req.out) if req.out is not None else new_folder(default_runs_dir(), variant.name)
     check_empty_out(run_dir, f"use --resume {run_dir} to continue that run, or choose another --out")
     info = {"dd2_version": __version__, "teacher": variant.name, "family": variant.family,
             "weights": {k: str(v) for k, v in req.weights.items()}, "settings": to_dict(settings)}
-    return run_dir, info, settings
+    return Prepared(run_dir, info, settings, sources)
 
 
 def run(req: DistillRequest, progress: Progress | None = None,
         on_ready: Callable[[Path, dict], None] | None = None) -> DistillResult:
     """Run (or resume) a distillation; returns where the results are."""
     progress = progress or Progress()
-    run_dir, info, settings = prepare(req)
-    torch.manual_seed(settings.seed)  # for anything inside torch that draws from the global generator
-    threads = resolve_threads(settings.threads)
-    if threads > 0 and settings.threads < 0:
-        progress.message(f"{threads} torch thread(s): one per idle core (threads = -1)")
+    p = prepare(req)
+    torch.manual_seed(p.settings.seed)  # for anything inside torch that draws from the global generator
+    threads = _thread_count(p.settings, p.info.get("threads") if req.resume is not None else None, progress)
     with torch_threads(threads):
-        return _run(req, run_dir, info, settings, threads, progress, on_ready)
+        # the count this run really computes with (0 = torch's default resolves here), recorded in config.json
+        # so that --resume continues with the same float rounding (see the `threads` setting)
+        p.info["threads"] = torch.get_num_threads()
+        return _run(req, p.run_dir, p.info, p.settings, p.info["threads"], progress, on_ready)
+
+
+def _thread_count(settings: DistillSettings, recorded: Any, progress: Progress) -> int:
+    """The torch thread count of this start (0: leave torch's), from the `threads` setting and a resumed run's record.
+
+    The count decides how CPU kernels split their float sums, so two counts give generators that differ in
+    rounding, and the differences grow over training: a resumed run keeps the count its config.json records
+    unless a count is asked for (`--set threads=N`), and says so when that, or what auto would pick now, differs.
+    """
+    asked = settings.threads
+    if not isinstance(recorded, int) or isinstance(recorded, bool) or recorded < 1:
+        recorded = None  # a new run, or one written before dd2 recorded its count
+    if recorded is not None and asked > 0:
+        if asked != recorded:
+            progress.message(f"warning: threads = {asked} differs from the {recorded} torch thread(s) this run was "
+                             f"recorded with, so the rest of the run rounds differently from an uninterrupted one; "
+                             f"drop --set threads={asked} to keep {recorded}")
+        return asked
+    if recorded is not None:  # auto (-1) or torch's default (0): the run's own count, not a new measurement's
+        now = resolve_threads(asked) or torch.get_num_threads()
+        if now != recorded:
+            what = "one per idle core would be" if asked < 0 else "torch's default is"
+            progress.message(f"warning: keeping the {recorded} torch thread(s) recorded in config.json ({what} "
+                             f"{now} now) so that the resumed run rounds as it started; --set threads={now} "
+                             f"uses {now} instead")
+        elif asked < 0:
+            progress.message(f"{recorded} torch thread(s), as recorded in config.json (threads = -1 keeps a "
+                             f"resumed run's count)")
+        return recorded
+    count = resolve_threads(asked)
+    if asked < 0:
+        progress.message(f"{count} torch thread(s): one per idle core (threads = -1)")
+    return count
 
 
 def _run(req: DistillRequest, run_dir: Path, info: dict, settings: DistillSettings, threads: int,

@@ -1,11 +1,18 @@
 """Where and how the engine computes: the device, the torch thread count, bf16 autocast and `torch.compile`.
 
-`threads = -1` picks one torch thread per idle core at start. Precision and compilation are opt-in
-(`--precision bf16`, `--compile` on `dd2 sample` and `dd2 eval speed`) because they change numerics (bf16) or
-cost minutes of compilation before the first image (compile). bf16 is refused off CUDA: CPU autocast to bf16 is
-slower than fp32 on most CPUs and would silently change the images. `torch.compile` wraps the one-step
-generator only: the teachers' AR samplers grow their KV cache every step (a new shape per step), which would
-recompile at every position.
+`threads = -1` picks one torch thread per idle core at start; 0 leaves torch's default and N means N, the same on
+every command (`--threads` of `dd2 sample` and `dd2 eval`, default -1; the `threads` setting of `dd2 distill`,
+whose default is the teacher's: -1 for the digits demo teachers, else 0). The count is not neutral: CPU
+kernels (matmuls, reductions) split their float sums by thread, and PyTorch has no switch that makes the result
+independent of the split (deterministic algorithms fix the algorithm, not the split), so a distillation with
+another count ends at slightly different weights. A run therefore records the count it used in config.json and
+`--resume` keeps it (`engine.distill`).
+
+Precision and compilation are opt-in (`--precision bf16`, `--compile` on `dd2 sample` and `dd2 eval speed`)
+because they change numerics (bf16) or cost minutes of compilation before the first image (compile). bf16 is
+refused off CUDA: CPU autocast to bf16 is slower than fp32 on most CPUs and would silently change the images.
+`torch.compile` wraps the one-step generator only: the teachers' AR samplers grow their KV cache every step (a
+new shape per step), which would recompile at every position.
 """
 
 from __future__ import annotations
