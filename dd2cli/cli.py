@@ -32,9 +32,9 @@ def _version_callback(value: bool) -> None:
 
 @app.callback()
 def _main(
-    version: Optional[bool] = typer.Option(None, "--version", callback=_version_callback, is_eager=True,
+    version: Optional[bool] = typer.Option(None, "--version", callback=_version_callback, is_eager=True, metavar="",
                                            help="Print the dd2 version and exit."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only print results and errors."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", metavar="", help="Only print results and errors."),
 ) -> None:
     """Global options apply to every command."""
     state.quiet = quiet

@@ -38,7 +38,7 @@ def distill(
                               "a run whose stage 1 is done) or all."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N (default: the setting, auto)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Base random seed (default: the setting, 0)."),
-    list_settings: bool = typer.Option(False, "--list-settings", help="Print every setting this run would use "
+    list_settings: bool = typer.Option(False, "--list-settings", metavar="", help="Print every setting this run would use "
                                        "(after --teacher, --config, --set or --resume), where its value comes from "
                                        "and what it means, then exit without writing anything."),
 ) -> None:

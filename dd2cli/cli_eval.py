@@ -79,7 +79,7 @@ def _metric_command(metrics: tuple[str, ...], doc: str) -> Callable:
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
         json_out: Optional[Path] = typer.Option(None, "--json-out", help="Write the results file here (default: "
                                                 "eval-<features>.json next to each sample set)."),
-        as_json: bool = typer.Option(False, "--json", help="Print the results as JSON on stdout instead of a table."),
+        as_json: bool = typer.Option(False, "--json", metavar="", help="Print the results as JSON on stdout instead of a table."),
         threads: int = typer.Option(-1, "--threads", help="CPU threads for torch: -1 = one per idle "
                                     "core (the count is said on stderr), 0 = torch's default, N = N; the "
                                     "same on every dd2 command."),
@@ -130,7 +130,7 @@ def eval_app() -> typer.Typer:
         warmup: int = typer.Option(2, "--warmup", help="Untimed warm-up runs."),
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
         precision: Precision = typer.Option(Precision.fp32, "--precision", help="fp32, or bf16 (CUDA autocast; refused on CPU)."),
-        compile_: bool = typer.Option(False, "--compile", help="torch.compile the one-step generator (compiled "
+        compile_: bool = typer.Option(False, "--compile", metavar="", help="torch.compile the one-step generator (compiled "
                                       "during the warm-up runs)."),
         threads: int = typer.Option(-1, "--threads", help="CPU threads for torch: -1 = one per idle "
                                     "core (the count is said on stderr), 0 = torch's default, N = N; the "

@@ -58,7 +58,7 @@ def sample(
                                        "into it finishes the missing images."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
     precision: Precision = typer.Option(Precision.fp32, "--precision", help="fp32, or bf16 (CUDA autocast; refused on CPU)."),
-    compile_: bool = typer.Option(False, "--compile", help="torch.compile the one-step generator (minutes of "
+    compile_: bool = typer.Option(False, "--compile", metavar="", help="torch.compile the one-step generator (minutes of "
                                   "compilation before the first image; pays off for large sample sets)."),
     threads: int = typer.Option(-1, "--threads", help="CPU threads for torch: -1 = one per idle "
                                 "core (the count is said on stderr), 0 = torch's default, N = N; the "

@@ -21,7 +21,7 @@ def teachers(
     name: Optional[str] = typer.Argument(None, help="Show only this variant (or family)."),
     weights_dir: Optional[Path] = typer.Option(None, "--weights-dir", help="Folder with official weight files "
                                                "(default: $DD2_WEIGHTS_DIR or ~/.cache/dd2/weights)."),
-    as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON."),
+    as_json: bool = typer.Option(False, "--json", metavar="", help="Print machine-readable JSON."),
 ) -> None:
     """List installed teacher families and variants, the weight files each needs, and whether they are found."""
     reg = registry()
@@ -73,7 +73,7 @@ def teachers(
 
 
 @handle_errors
-def plugins(as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON.")) -> None:
+def plugins(as_json: bool = typer.Option(False, "--json", metavar="", help="Print machine-readable JSON.")) -> None:
     """List installed plugins, their versions and the hooks they implement."""
     infos = list_plugins()
     if as_json:
@@ -92,7 +92,7 @@ def plugins(as_json: bool = typer.Option(False, "--json", help="Print machine-re
 @handle_errors
 def inspect(
     path: Path = typer.Argument(..., help="A .safetensors file written by dd2, or an official .pth/.pt checkpoint."),
-    as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON."),
+    as_json: bool = typer.Option(False, "--json", metavar="", help="Print machine-readable JSON."),
 ) -> None:
     """Check that a weights file is readable (integrity, plain weights only) and list its tensors."""
     if path.suffix == ".safetensors":

@@ -28,3 +28,20 @@ def test_the_eval_table_fits_80_columns_with_every_metric(monkeypatch):
     # the source moved under the table with the full path of each set
     assert any(line.startswith("1step-20261201-170000: var-digits one-step, ") for line in lines)
     assert "Written: eval.json" in lines
+
+
+def test_help_lists_the_choices_and_flags_show_no_value_type():
+    from typer.testing import CliRunner
+
+    from dd2cli.cli import app
+
+    runner = CliRunner()
+    sample = runner.invoke(app, ["sample", "--help"], env={"COLUMNS": "120"}).output
+    assert "<ema|raw>" in sample and "<fp32|bf16>" in sample and "<set-prediction>" in sample
+    export = runner.invoke(app, ["export", "--help"], env={"COLUMNS": "120"}).output
+    assert "<fp32|bf16|fp16>" in export and "<safetensors|pt2>" in export
+    for args in (["--help"], ["teachers", "--help"], ["sample", "--help"], ["eval", "fid", "--help"],
+                 ["distill", "--help"]):
+        text = runner.invoke(app, args, env={"COLUMNS": "120"}).output
+        flags = [line for line in text.splitlines() if "<bool>" in line and "--help" not in line]
+        assert not flags, flags  # a flag takes no value: no type label
