@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check for issue 9, < 8 minutes on one H100/H200: real-size sampling and training benchmarks with random
+# GPU check, < 8 minutes on one H100/H200: real-size sampling and training benchmarks with random
 # weights in bf16, then a 2 + 2 iteration distillation smoke test on a random VAR-d16.
 #
 #     bash benchmarks/gpu_check.sh [OUT_DIR]            # default OUT_DIR: $OUT, else benchmarks/results/gpu
@@ -30,12 +30,12 @@ step() { echo; echo "== $1 ($(date +%T))"; }
 # 1. sampling + training steps + closed-form score at real size, bf16 autocast (closed form stays fp32)
 step "benchmarks, $PRECISION, $DEVICE"
 timeout 300 "$PY" benchmarks/run.py $SIZE --device "$DEVICE" --precision "$PRECISION" --models "$MODELS" \
-  --batch-sizes "$BATCHES" --repeats "$REPEATS" --train-config "$TRAIN" --json "$OUT_DIR/bench_bf16.json"
+  --batch-sizes "$BATCHES" --repeats "$REPEATS" --train-config "$TRAIN" --json-out "$OUT_DIR/bench_bf16.json"
 
 # 2. the teachers' samplers in fp32 too, for the paper's per-image speed-up comparison (VAR-d16, GPT-L)
 step "sampling, fp32, $DEVICE"
 timeout 120 "$PY" benchmarks/run.py --device "$DEVICE" --only sampling --models "$FP32_MODELS" \
-  --batch-sizes "$BATCHES" --repeats "$REPEATS" --json "$OUT_DIR/bench_fp32.json"
+  --batch-sizes "$BATCHES" --repeats "$REPEATS" --json-out "$OUT_DIR/bench_fp32.json"
 
 # 3. two stage-1 and two stage-2 iterations of `dd2 distill` on a random-weight teacher
 step "distillation smoke test ($SMOKE)"

@@ -17,6 +17,16 @@ torch.set_num_threads(1)
 from dd2cli import plugins  # noqa: E402
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` run where CUDA is, and are skipped (with the reason) everywhere else."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True)
 def _fresh_plugins(monkeypatch):
     """Every test starts with an empty plugin manager and registry."""

@@ -518,3 +518,19 @@ def test_llamagen_digits_with_continuous_input_adaptation(tmp_path):
     report = json.loads((out / "adaptation.json").read_text())
     assert report["steps"] == 3 and "kl" in report["after"]
     assert "adaptation: KL" in res.output
+
+
+@pytest.mark.gpu
+def test_a_tiny_run_on_cuda_in_bf16_resumes_and_samples(synthetic_plugin, tmp_path):
+    out = tmp_path / "run"
+    args = ["distill", "--teacher", "synthetic-corr", "--device", "cuda", "--set", "precision=bf16", *TINY]
+    res = runner.invoke(app, [*args, "--out", str(out), "--stage", "1"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["distill", "--resume", str(out)])
+    assert res.exit_code == 0, res.output
+    assert json.loads((out / "latest.json").read_text())["stage"] == 2
+    res = runner.invoke(app, ["sample", "--from", str(out), "-n", "8", "--device", "cuda", "--precision", "bf16",
+                              "--out", str(tmp_path / "s")])
+    assert res.exit_code == 0, res.output
+    assert len(list((tmp_path / "s").glob("*.png"))) == 9  # 8 images + the preview
+
