@@ -13,6 +13,7 @@ from .errors import (
     CheckpointMismatchError,
     ConfigError,
     DD2Error,
+    DownloadError,
     FileFormatError,
     MissingWeightsError,
     PluginError,
@@ -49,7 +50,7 @@ __all__ = [
     "Family", "Variant", "WeightFile", "TeacherSpec", "SamplingSettings", "Teacher", "Backbone", "BundleParts",
     "ModuleRecipe", "bundle_factory", "nearest_codebook", "CPU_DEMO_DEFAULTS", "deep_merge",
     # errors a plugin raises
-    "DD2Error", "ConfigError", "FileFormatError", "CheckpointMismatchError", "MissingWeightsError", "PluginError",
+    "DD2Error", "ConfigError", "FileFormatError", "CheckpointMismatchError", "MissingWeightsError", "DownloadError", "PluginError",
     "UnknownTeacherError",
     # files: safetensors + JSON written atomically, foreign checkpoints read with weights_only=True
     "load_safetensors", "save_safetensors", "read_json", "write_json", "sha256_file", "fingerprint_file",

@@ -12,6 +12,7 @@ import typer
 
 from . import cli_distill, cli_eval, cli_export, cli_sample, cli_teachers
 from .cli_common import console, state
+from .downloads import set_offline
 from .version import __version__
 
 app = typer.Typer(
@@ -32,12 +33,18 @@ def _version_callback(value: bool) -> None:
 
 @app.callback()
 def _main(
+    ctx: typer.Context,
     version: Optional[bool] = typer.Option(None, "--version", callback=_version_callback, is_eager=True, metavar="",
                                            help="Print the dd2 version and exit."),
     quiet: bool = typer.Option(False, "--quiet", "-q", metavar="", help="Only print results and errors."),
+    offline: bool = typer.Option(False, "--offline", metavar="",
+                                 help="Never download weight files (also: DD2_OFFLINE=1 or HF_HUB_OFFLINE=1); use "
+                                      "local and cached files only."),
 ) -> None:
     """Global options apply to every command."""
     state.quiet = quiet
+    set_offline(offline)
+    ctx.call_on_close(lambda: set_offline(False))  # the flag is for this command only (matters when embedded)
 
 
 app.command("teachers")(cli_teachers.teachers)

@@ -1,4 +1,4 @@
-"""`dd2 eval fid|sfid|is|prec-recall|class-consistency|all|speed`: thin commands over the evaluation engine."""
+"""`dd2 eval fid|sfid|kid|is|prec-recall|class-consistency|all|speed|joint-tv`: thin commands over the evaluation engine."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ from rich.table import Table
 from .cli_common import Features, Precision, Resize, console, handle_errors, parse_weights, progress_for, say, set_threads, state
 from .errors import DD2Error
 
-_FORMAT = {"fid": ("FID", "{:.3f}"), "sfid": ("sFID", "{:.3f}"), "is": ("IS", "{:.2f}"),
-           "precision": ("prec.", "{:.3f}"), "recall": ("recall", "{:.3f}"),
+# KID in scientific notation: its scale depends on the feature space (about 1e-3 on Inception, 1e3 on digits)
+_FORMAT = {"fid": ("FID", "{:.3f}"), "sfid": ("sFID", "{:.3f}"), "kid": ("KID", "{:.2e}"),
+           "is": ("IS", "{:.2f}"), "precision": ("prec.", "{:.3f}"), "recall": ("recall", "{:.3f}"),
            "class_consistency": ("class-cons.", "{:.3f}")}
 
 
@@ -66,7 +67,8 @@ def _metric_command(metrics: tuple[str, ...], doc: str) -> Callable:
         samples: Optional[list[Path]] = typer.Argument(None, help="Sample sets: folders of PNGs or ADM .npz files "
                                                        "(default: the most recent dd2 sample set)."),
         ref: Optional[Path] = typer.Option(None, "--ref", help="Reference: an ADM reference .npz (its mu/sigma are "
-                                           "used when present), a folder or an .npz of images (digits default: the "
+                                           "used when present), a folder or an .npz of images, or imagenet256 / "
+                                           "imagenet512 (the ADM batch, downloaded once) (digits default: the "
                                            "real train split at the samples' resolution, at most the classifier's 16 px)."),
         features: Features = typer.Option(Features.auto, "--features", help="inception, digits, or auto (digits for samples of a "
                                      "digits teacher, else inception)."),
@@ -100,12 +102,15 @@ def _metric_command(metrics: tuple[str, ...], doc: str) -> Callable:
 
 def eval_app() -> typer.Typer:
     """The `dd2 eval` command group."""
-    eval_app = typer.Typer(help="Evaluate sample sets (FID, sFID, IS, precision/recall as the ADM evaluator; digits "
-                                "metrics) and sampling speed.", no_args_is_help=True)
+    eval_app = typer.Typer(help="Evaluate sample sets (FID, sFID, IS, precision/recall as the ADM evaluator; KID; "
+                                "digits metrics) and sampling speed.", no_args_is_help=True)
     eval_app.command("fid")(_metric_command(("fid",), "Fréchet distance to the reference (Inception pool_3, or "
                                             "digits-classifier features)."))
     eval_app.command("sfid")(_metric_command(("sfid",), "Spatial FID: first 7 channels of Inception's mixed_6/conv "
                                              "(17x17x7)."))
+    eval_app.command("kid")(_metric_command(("kid",), "Kernel Inception Distance: the unbiased MMD² (cubic "
+                                            "polynomial kernel) to the reference features, mean ± std over 100 "
+                                            "subsets of up to 1,000 images."))
     eval_app.command("is")(_metric_command(("is",), "Inception score: 1008-way logits without bias, 10 splits."))
     eval_app.command("prec-recall")(_metric_command(("prec-recall",), "Precision and recall (k-NN manifolds, k=3) "
                                                     "against the reference images."))
@@ -161,5 +166,44 @@ def eval_app() -> typer.Typer:
                           f"{r.speedup:.1f}×")
         console.print(table)
         say(f"Generator: {info['generator']}")
+
+    @eval_app.command("joint-tv")
+    @handle_errors
+    def joint_tv(
+        ctx: typer.Context,
+        samples: list[Path] = typer.Argument(..., help="Finished dd2 sample sets (their tokens.npy is read)."),
+        teacher: str = typer.Option(..., "--teacher", "-t", help="A teacher that exposes its exact joint "
+                                    "distribution (e.g. exact-raster, exact-scales)."),
+        weights: list[str] = typer.Option([], "--weights", help="KEY=PATH of a teacher weight file (repeatable)."),
+        as_json: bool = typer.Option(False, "--json", metavar="", help="Print the results as JSON on stdout instead of a table."),
+        threads: int = typer.Option(-1, "--threads", help="CPU threads for torch: -1 = one per idle "
+                                    "core (the count is said on stderr), 0 = torch's default, N = N; the "
+                                    "same on every dd2 command."),
+    ) -> None:
+        """Total variation between the samples' joint over token ids and the teacher's exact joint, per class,
+        with the noise floor at that sample size, the set-prediction baseline and each AR step's conditional
+        error (writes joint-tv.json next to each set)."""
+        from .engine.joint import score_sample_sets
+
+        set_threads(ctx, threads)
+        scored = score_sample_sets(teacher, samples, weights=parse_weights(weights))
+        if as_json:
+            console.print_json(json.dumps([{"samples": folder, "sampling": text, **rep.as_dict()}
+                                           for folder, rep, text in scored]))
+            return
+        table = Table(title=escape(f"dd2 eval joint-tv (teacher {teacher})"), box=box.SIMPLE_HEAD, pad_edge=False)
+        for col in ("set", "n", "TV", "floor", "×floor", "set-pred.", "worst step"):
+            table.add_column(col, justify="left" if col == "set" else "right", no_wrap=col != "set",
+                             overflow="fold")
+        for folder, rep, _ in scored:
+            worst = max(range(len(rep.step_errors)), key=lambda s: rep.step_errors[s])
+            table.add_row(escape(Path(folder).name), str(rep.n), f"{rep.tv:.3f}", f"{rep.noise_floor:.3f}",
+                          f"{rep.tv / rep.noise_floor:.1f}" if rep.noise_floor > 0 else "-",
+                          f"{rep.set_prediction:.3f}", f"{rep.step_errors[worst]:.3f} (step {worst})")
+        console.print(table)
+        for folder, rep, text in scored:
+            steps = ", ".join(f"{e:.3f}" for e in rep.step_errors)
+            say(f"{Path(folder).name}: per-step conditional errors {steps}; joint under {text}; {_short(Path(folder))}")
+            say(f"Written: {Path(folder) / 'joint-tv.json'}")
 
     return eval_app

@@ -39,6 +39,10 @@ class MissingWeightsError(DD2Error):
     """A teacher variant needs weight files that were not found."""
 
 
+class DownloadError(MissingWeightsError):
+    """A weight file could not be downloaded (server unreachable, not found, incomplete or wrong checksum)."""
+
+
 class OutputError(DD2Error):
     """A file could not be written (disk full, read-only location, no permission)."""
 

@@ -142,10 +142,18 @@ class Teacher(nn.Module, ABC):
         """Facts recorded with every output made from this teacher (name, hashes...)."""
         return {"teacher": getattr(self, "variant_name", type(self).__name__)}
 
+    def exact_joint(self, label: int, settings: SamplingSettings | None = None) -> Tensor | None:
+        """`(V,)*n` float64 probabilities of every token-id sequence of class `label` (optional).
+
+        Only teachers small enough to enumerate their joint implement it (the `exact` family); `dd2 eval
+        joint-tv` scores sample sets against it. `None` = not available.
+        """
+        return None
+
     # ---- export ---------------------------------------------------------------------------------
     def adapt_continuous_input(self, *, steps: int, batch_size: int, lr: float, train_model: bool,
                                noise_std: float, generator: torch.Generator | None = None) -> tuple["Teacher", dict]:
-        """Data-free continuous input adaptation (optional; for teachers whose `spec.reads_ids`).
+        """Data-free continuous input adaptation (optional; for teachers that read token ids).
 
         Returns `(adapted teacher, report)`: a teacher that reads continuous latents (so the CSD
         teacher probabilities see generated vectors, not their nearest ids), fine-tuned to match this

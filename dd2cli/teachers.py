@@ -7,11 +7,13 @@ contract of a loaded teacher (logits, sampler, decode, backbone) lives in `dd2cl
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, replace
+import warnings
+from dataclasses import InitVar, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from .errors import MissingWeightsError
+from .downloads import cached_file, fetch, is_offline
+from .errors import MissingWeightsError, PluginError
 
 #: The feature spaces dd2 evaluates samples in (see `Variant.features`).
 FEATURE_SPACES = ("inception", "digits")
@@ -76,11 +78,13 @@ class TeacherSpec:
     stage1: SamplingSettings = SamplingSettings()
     target: SamplingSettings = SamplingSettings()
     evaluation: SamplingSettings = SamplingSettings()
-    #: True when the teacher's own logits read token ids (continuous vectors are snapped to the
-    #: nearest codebook entry first); False when it reads continuous latents natively.
-    reads_ids: bool = False
+    #: accepted for plugins written against dd2 0.1 and ignored (dd2 never read it); not stored
+    reads_ids: InitVar[bool | None] = None
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, reads_ids: bool | None) -> None:
+        if reads_ids is not None:
+            warnings.warn("TeacherSpec(reads_ids=...) is ignored and will be removed: dd2 never reads it.",
+                          DeprecationWarning, stacklevel=3)
         if len(self.steps) != self.num_tokens:
             raise ValueError(f"steps has {len(self.steps)} entries, expected num_tokens={self.num_tokens}")
         if self.steps and self.steps[0] != 0:
@@ -105,23 +109,45 @@ class TeacherSpec:
 
 @dataclass(frozen=True)
 class WeightFile:
-    """One file a variant needs, e.g. the transformer or the tokenizer checkpoint."""
+    """One file a variant needs, e.g. the transformer or the tokenizer checkpoint.
+
+    With `hf_repo` set, a file found nowhere else is downloaded from that Hugging Face hub repository on
+    first use (`dd2cli.downloads`) and then found in the hub cache; `sha256` and `size`, when known, are
+    checked after the download.
+    """
 
     key: str  # short role name used on the command line: --weights var=PATH
     filename: str  # the official file name, looked up in the weights folder
     description: str = ""
-    url: str = ""  # where users download it (documentation only; dd2 never downloads)
+    url: str = ""  # where users download it by hand (shown in the missing-weights message)
     bundled: Path | None = None  # shipped inside the plugin package (no download needed)
+    hf_repo: str = ""  # hub repository to download from, e.g. "FoundationVision/var"; "" = never downloaded
+    hf_filename: str = ""  # the file's path in that repository ("" = `filename`)
+    revision: str = "main"  # branch, tag or commit of the repository
+    sha256: str = ""  # hex digest checked after a download ("" = unknown)
+    size: int | None = None  # bytes, checked after a download (None = unknown)
+
+    @property
+    def hub_filename(self) -> str:
+        return self.hf_filename or self.filename
+
+    def hub_cached(self) -> Path | None:
+        """The complete copy of this file in the local Hugging Face hub cache, if any (never the network)."""
+        if not self.hf_repo:
+            return None
+        return cached_file(self.hf_repo, self.hub_filename, self.revision)
 
     def locate(self, explicit: Mapping[str, str | os.PathLike] | None = None,
-               weights_dir: Path | None = None) -> Path | None:
-        """Where this file is: an explicit path, the bundled copy, or the weights folder."""
+               weights_dir: Path | None = None, hub_cache: bool = True) -> Path | None:
+        """Where this file is: an explicit path, the bundled copy, the weights folder or the hub cache."""
         if explicit and self.key in explicit:
             return Path(explicit[self.key]).expanduser()
         if self.bundled is not None:
             return self.bundled
         candidate = (weights_dir or default_weights_dir()) / self.filename
-        return candidate if candidate.is_file() else None
+        if candidate.is_file():
+            return candidate
+        return self.hub_cached() if hub_cache else None
 
     def expected_location(self, weights_dir: Path | None = None) -> Path:
         return self.bundled or (weights_dir or default_weights_dir()) / self.filename
@@ -163,7 +189,13 @@ class Variant:
 
     def load(self, weights: Mapping[str, str | os.PathLike] | None = None, device: str = "cpu",
              weights_dir: Path | None = None) -> Any:
-        """Find the weight files and build the teacher; missing files are a `MissingWeightsError`."""
+        """Find the weight files and build the teacher; missing files are a `MissingWeightsError`.
+
+        Missing files that all have hub coordinates are downloaded first unless offline (`dd2cli.downloads`);
+        a failed download is a `DownloadError`.
+
+        A teacher whose `spec.image_size` differs from this variant's `image_size` (when set) is a `PluginError`.
+        """
         unknown = set(weights or {}) - {w.key for w in self.weights}
         if unknown:
             valid = ", ".join(w.key for w in self.weights) or "none"
@@ -173,6 +205,11 @@ class Variant:
             )
         found = self.locate_weights(weights, weights_dir)
         missing = [w for w in self.weights if found[w.key] is None or not found[w.key].is_file()]
+        downloadable = [w for w in missing if w.hf_repo and w.key not in (weights or {})]
+        if missing and len(downloadable) == len(missing) and not is_offline():
+            for w in downloadable:  # official files: fetched from the hub on first use
+                found[w.key] = fetch(w, self.name)
+            missing = []
         if missing:  # every missing file in one message: the user fetches them all at once
             folder = weights_dir or default_weights_dir()
             files = [f"{w.filename} ({w.description or w.key}) at {found[w.key] or w.expected_location(weights_dir)}"
@@ -183,7 +220,15 @@ class Variant:
                 f"Teacher '{self.name}' needs {needs}; pass {options} or put {'it' if len(files) == 1 else 'them'} "
                 f"in {folder} (set ${WEIGHTS_DIR_ENV} to change that folder)."
             )
-        return self.loader(self, {k: p for k, p in found.items() if p is not None}, device)
+        teacher = self.loader(self, {k: p for k, p in found.items() if p is not None}, device)
+        size = getattr(getattr(teacher, "spec", None), "image_size", None)
+        if self.image_size and isinstance(size, int) and size != self.image_size:
+            raise PluginError(
+                f"Teacher '{self.name}' is registered with image_size {self.image_size} but its loader built a "
+                f"teacher whose spec.image_size is {size}; the plugin must make Variant.image_size and "
+                f"TeacherSpec.image_size agree."
+            )
+        return teacher
 
 
 @dataclass(frozen=True)

@@ -4,9 +4,13 @@ Nothing here comes from the host's `tests/`, so `pytest plugins/dd2_var/tests` r
 """
 
 import os
+import tempfile
 
 # Before dd2cli.plugins is used: each test registers the plugins it needs (`plugins.register_plugin`).
 os.environ["DD2_LOAD_PLUGINS"] = ""
+# Never the Hugging Face hub, never the user's hub cache: official files are only ever found or reported missing.
+os.environ["DD2_OFFLINE"] = "1"
+os.environ["HF_HUB_CACHE"] = os.path.join(tempfile.mkdtemp(prefix="dd2-tests-hub-"), "hub")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

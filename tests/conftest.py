@@ -2,10 +2,15 @@
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 # Before dd2cli.plugins is used: tests decide which plugins exist.
 os.environ["DD2_LOAD_PLUGINS"] = ""
+# Tests never reach the Hugging Face hub (tests/test_downloads.py serves it on loopback) and never see the
+# user's hub cache.
+os.environ["DD2_OFFLINE"] = "1"
+os.environ["HF_HUB_CACHE"] = os.path.join(tempfile.mkdtemp(prefix="dd2-tests-hub-"), "hub")
 sys.path.insert(0, str(Path(__file__).parent))
 
 import pytest  # noqa: E402

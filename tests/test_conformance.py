@@ -77,7 +77,7 @@ def _var_miniature(official: str, shared_aln: bool) -> Callable[[Path], object]:
         torch.save(random.vae.state_dict(), files["vae"])
         write_json(tmp_path / "var_mini.json", {"var": var_cfg.to_dict(), "vae": vae_cfg.to_dict()})
         variant = REGISTRY.get(official)
-        mini = dataclasses.replace(variant, name=f"{official}-mini",
+        mini = dataclasses.replace(variant, name=f"{official}-mini", image_size=vae_cfg.image_size,
                                    options={**variant.options, "config": str(tmp_path / "var_mini.json")})
         teacher = mini.load(weights=files)
         assert teacher.var.cfg == var_cfg and teacher.spec.evaluation == variant.options["evaluation"]
@@ -138,9 +138,10 @@ def test_every_family_is_checked_offline():
 
 @pytest.mark.parametrize("name", BUNDLED)
 def test_bundled_variant_passes_the_contract(installed, name):
-    teacher = installed.get(name).load(device="cpu")
+    variant = installed.get(name)
+    teacher = variant.load(device="cpu")
     assert teacher.variant_name == name
-    check_teacher(teacher, batch_size=2, seed=0)
+    check_teacher(teacher, batch_size=2, seed=0, variant=variant)
 
 
 @pytest.mark.parametrize("name, build", MINIATURE_CASES, ids=[name for name, _ in MINIATURE_CASES])

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from dd2cli import plugins
 from dd2cli.cli import app
 from dd2cli.engine.adm_npz import write_adm_npz
-from dd2cli.engine.metrics import feature_stats, frechet_distance, inception_score, precision_recall
+from dd2cli.engine.metrics import feature_stats, frechet_distance, inception_score, kernel_inception_distance, precision_recall
 from dd2cli.engine.progress import Progress
 from dd2cli.engine.sample_sets import open_images
 
@@ -117,6 +117,54 @@ def test_inception_score_definition():
     assert inception_score(logits, splits=4) == pytest.approx((np.mean(scores), np.std(scores)), rel=1e-9)
 
 
+def _mmd2_double_loop(x, y):
+    """The unbiased MMD² with k(a, b) = (a·b/d + 1)³, one pair at a time in float64."""
+    m, d = len(x), x.shape[1]
+
+    def k(a, b):
+        return (float(np.dot(a, b)) / d + 1.0) ** 3
+
+    xx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    yy = sum(k(y[i], y[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    xy = sum(k(x[i], y[j]) for i in range(m) for j in range(m)) / (m * m)
+    return xx + yy - 2 * xy
+
+
+def test_kid_equals_a_double_loop_of_the_unbiased_estimator():
+    from torchmetrics.image.kid import poly_mmd
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(12, 5)).astype(np.float32)  # float32 features, as the extractors give
+    y = (rng.normal(size=(12, 5)) * 1.3 + 0.4).astype(np.float32)
+    expected = _mmd2_double_loop(x.astype(np.float64), y.astype(np.float64))
+    # a subset of the whole set is a permutation of it: every subset gives the full-set value, the spread is 0
+    kid, std = kernel_inception_distance(x, y, subsets=3, subset_size=50)
+    assert kid == pytest.approx(expected, rel=1e-12) and std < 1e-12 * abs(expected)
+    assert expected > 0.1  # clearly away from 0, so that the relative comparisons mean something
+    torchmetrics_value = poly_mmd(torch.from_numpy(y).double(), torch.from_numpy(x).double()).item()
+    assert kid == pytest.approx(torchmetrics_value, rel=1e-12)
+    with pytest.raises(Exception, match="different dimensions"):
+        kernel_inception_distance(x, y[:, :3])
+    with pytest.raises(Exception, match="at least 2 images per set"):
+        kernel_inception_distance(x, y[:1])
+    with pytest.raises(Exception, match="not finite"):
+        kernel_inception_distance(x * np.nan, y)
+
+
+def test_kid_is_zero_within_its_std_for_one_distribution_and_many_std_for_a_shift():
+    rng = np.random.default_rng(1)
+    mix = rng.normal(size=(16, 16)) / 4
+    a, b = rng.normal(size=(600, 16)) @ mix, rng.normal(size=(500, 16)) @ mix  # one distribution
+    kid, std = kernel_inception_distance(a, b, subsets=50, subset_size=200)
+    assert std > 0 and abs(kid) < 2 * std
+    shifted = b + 0.5  # half a standard deviation in every direction
+    kid_s, std_s = kernel_inception_distance(a, shifted, subsets=50, subset_size=200)
+    assert kid_s > 10 * std_s and kid_s > 10 * abs(kid)
+    # seeded: the same call gives the same numbers, another seed other subsets
+    assert kernel_inception_distance(a, shifted, subsets=50, subset_size=200) == (kid_s, std_s)
+    assert kernel_inception_distance(a, shifted, subsets=50, subset_size=200, seed=1) != (kid_s, std_s)
+
+
 # ---- files -----------------------------------------------------------------------------------------
 
 def test_npz_round_trips_in_the_adm_layout(tmp_path):
@@ -182,7 +230,7 @@ def test_inception_metrics_end_to_end(tmp_path, inception_weights):
     assert res.exit_code == 0, res.output
     record = json.loads((samples / "eval-inception.json").read_text())
     m = record["metrics"]
-    assert set(m) == {"fid", "sfid", "is", "is_std", "precision", "recall"}
+    assert set(m) == {"fid", "sfid", "kid", "kid_std", "is", "is_std", "precision", "recall"}
     assert all(np.isfinite(v) for v in m.values()) and m["fid"] > 0 and m["sfid"] > 0
     assert record["resize"] == "adm" and record["reference"] == "ref"
     # an ADM reference npz: its mu/sigma (and mu_s/sigma_s) are used; images only for precision/recall
@@ -257,13 +305,36 @@ def test_digits_heldout_split_is_close_to_the_train_reference(tmp_path):
                               "--json-out", str(tmp_path / "all.json")])
     assert res.exit_code == 0, res.output
     rows = {Path(r["samples"]).stem: r["metrics"] for r in json.loads((tmp_path / "all.json").read_text())}
-    assert set(rows["heldout"]) == {"fid", "is", "is_std", "precision", "recall", "class_consistency"}
+    assert set(rows["heldout"]) == {"fid", "kid", "kid_std", "is", "is_std", "precision", "recall",
+                                    "class_consistency"}
     # real held-out digits: a small FID (finite-sample bias only), far below noise; the classifier agrees
     assert rows["heldout"]["fid"] < 0.05 * rows["noise"]["fid"]
+    # KID is unbiased: real held-out vs real train digits is 0 within its std (the FID is ~58, not 0)
+    assert abs(rows["heldout"]["kid"]) < 2 * rows["heldout"]["kid_std"]
+    assert rows["noise"]["kid"] > 10 * rows["noise"]["kid_std"] and rows["noise"]["kid"] > 50 * rows["heldout"]["kid_std"]
     assert rows["heldout"]["class_consistency"] > 0.95 and rows["wrong"]["class_consistency"] < 0.1
     assert rows["heldout"]["precision"] > 0.8 and rows["noise"]["precision"] < 0.2
     assert res.output.count(" 359 ") == 3 and res.output.count("dd2 eval (") == 1  # one table, a row per set
     assert list((tmp_path / "cache" / "eval").glob("ref-digits-*-digits-train-16.safetensors"))  # reference cached
+
+
+def test_eval_kid_prints_and_writes_kid(tmp_path):
+    samples = _digit_pngs(tmp_path / "samples", 40)
+    res = runner.invoke(app, ["eval", "kid", str(samples), "--features", "digits", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    record = json.loads((samples / "eval-digits.json").read_text())
+    m = record["metrics"]
+    assert set(m) == {"kid", "kid_std"} and m["kid_std"] > 0 and record["reference"] == "digits-train@16px"
+    text = plain(res.output)
+    assert f"{m['kid']:.2e}" in text  # 3 significant digits: KID's scale depends on the feature space
+    res = runner.invoke(app, ["eval", "kid", str(samples), "--features", "digits", "--device", "cpu", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)[0]["metrics"] == m
+    # statistics alone (mu, sigma) cannot give KID
+    np.savez(tmp_path / "stats.npz", mu=np.zeros(128), sigma=np.eye(128))
+    res = runner.invoke(app, ["eval", "kid", str(samples), "--features", "digits", "--ref", str(tmp_path / "stats.npz")])
+    assert res.exit_code != 0 and "has no images (arr_0) for KID; pass a reference with images." in plain(res.output)
+    assert "Traceback" not in res.output
 
 
 def test_digits_metrics_of_teacher_sample_sets(tmp_path, monkeypatch):

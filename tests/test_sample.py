@@ -302,8 +302,9 @@ def test_steps_out_of_range_for_a_run(synthetic_plugin, run_dir, tmp_path):
     assert res.exit_code != 0 and "more than the teacher's 3 AR steps" in res.output
 
 
-def test_bundle_source_uses_generate(tmp_path, monkeypatch):
-    """A bundle (dd2cli.engine.bundle.load_bundle) is sampled through `.generate(labels, eps)`."""
+def test_bundle_source_uses_its_generator_codebook_and_decoder(tmp_path, monkeypatch):
+    """A bundle (dd2cli.engine.bundle.load_bundle) is sampled through `.latents(labels, eps)`, its codebook (the
+    ids and distances written to tokens.npy) and its `.decoder(ids)`."""
     from dd2cli.engine import sample as sample_mod
     from dd2cli.teachers import TeacherSpec
 
@@ -312,10 +313,14 @@ def test_bundle_source_uses_generate(tmp_path, monkeypatch):
     class FakeBundle:
         spec = TeacherSpec(num_tokens=3, vocab_size=4, latent_dim=2, num_classes=2, null_class=2, steps=(0, 1, 2),
                            image_size=4)
+        codebook_Vd = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
 
-        def generate(self, labels_B, eps_BNd):
+        def latents(self, labels_B, eps_BNd):
             seen.append(eps_BNd.shape)
-            return torch.sigmoid(eps_BNd.sum((1, 2)))[:, None, None, None].expand(-1, 3, 4, 4)
+            return eps_BNd
+
+        def decoder(self, ids_BN):
+            return (ids_BN.float().sum(1) / 9)[:, None, None, None].expand(-1, 3, 4, 4)
 
     monkeypatch.setattr(sample_mod, "load_bundle", lambda path, device: FakeBundle())
     bundle = tmp_path / "bundle"
@@ -325,6 +330,11 @@ def test_bundle_source_uses_generate(tmp_path, monkeypatch):
     assert seen == [(2, 3, 2), (2, 3, 2), (1, 3, 2)]
     manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
     assert manifest["settings"]["source"]["kind"] == "bundle" and len(_pngs(tmp_path / "o")) == 5
+    ids, dist = np.load(tmp_path / "o" / "tokens.npy"), np.load(tmp_path / "o" / "token_distances.npy")
+    eps = torch.stack([sample_mod._fresh_eps([i], 0, (3, 2), "cpu")[0] for i in range(5)])
+    expected = torch.cdist(eps, FakeBundle.codebook_Vd[None].expand(5, -1, -1))
+    assert ids.shape == (5, 3) and np.array_equal(ids, expected.argmin(-1).numpy())
+    assert np.allclose(dist, expected.min(-1).values.numpy(), atol=1e-5)
     res = runner.invoke(app, ["sample", "--from", str(bundle), "--steps", "2", "--out", str(tmp_path / "p")])
     assert res.exit_code != 0 and "needs the teacher" in res.output
 

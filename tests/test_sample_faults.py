@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from dd2cli.cli import app
 from dd2cli.engine.adm_npz import write_adm_npz
-from dd2cli.engine.sample_sets import LOCK_NAME, SampleFolderLock
+from dd2cli.engine.sample_sets import IDS_PARTS, LOCK_NAME, SampleFolderLock
 from dd2cli.errors import DD2Error
 from dd2cli.files import write_json
 
@@ -24,14 +24,16 @@ SAMPLE = ["sample", "--teacher", "synthetic-corr", "--block-size", "4", "--batch
 
 
 def _snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
-    """Every file of `folder` with its bytes and modification time (what 'untouched' means)."""
-    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.iterdir())}
+    """Every file under `folder` with its bytes and modification time (what 'untouched' means)."""
+    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))
+            if p.is_file()}
 
 
 def _finals(folder: Path) -> dict[str, bytes]:
-    """The files a finished set is made of, without the manifest (it records times)."""
+    """The files a finished set is made of, without the manifest (it records times) and the per-batch token-id
+    parts (working files: tokens.npy, made from them, is compared)."""
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())
-            if not p.name.startswith(".") and p.name != "manifest.json"}
+            if not p.name.startswith(".") and p.name not in ("manifest.json", IDS_PARTS)}
 
 
 def _hold_lock(folder: Path) -> subprocess.Popen:
@@ -130,7 +132,10 @@ real, counts = os.replace, {}
 
 def replace(src, dst):
     name = os.path.basename(dst)
-    k = "npz" if name.endswith(".npz") else name if name in ("manifest.json", "preview.png") else "png"
+    if os.path.basename(os.path.dirname(dst)) == "ids-parts":
+        k = "ids"
+    else:
+        k = "npz" if name.endswith(".npz") else name if name in ("manifest.json", "preview.png", "tokens.npy") else "png"
     counts[k] = counts.get(k, 0) + 1
     if k == kind and counts[k] == at:  # written and synced, not yet renamed into place
         os.kill(os.getpid(), signal.SIGKILL)
@@ -141,7 +146,8 @@ app(sys.argv[4:], prog_name="dd2")
 """
 
 
-@pytest.mark.parametrize("kind, at", [("png", 3), ("npz", 1), ("preview.png", 1), ("manifest.json", 2)])
+@pytest.mark.parametrize("kind, at", [("png", 3), ("ids", 2), ("npz", 1), ("tokens.npy", 1), ("preview.png", 1),
+                                      ("manifest.json", 2)])
 def test_a_kill_at_any_write_leaves_a_set_that_a_rerun_finishes(synthetic_plugin, tmp_path, kind, at):
     """SIGKILL just before a rename: the old state stays (never `complete` with a half-written file); a re-run
     finishes with the files of an uninterrupted run."""
@@ -154,14 +160,14 @@ def test_a_kill_at_any_write_leaves_a_set_that_a_rerun_finishes(synthetic_plugin
                             env=env, capture_output=True, text=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert json.loads((out / "manifest.json").read_text())["complete"] is False
-    assert list(out.glob(".*.tmp"))  # the write it was killed in
+    assert list(out.rglob(".*.tmp"))  # the write it was killed in
     for npz in out.glob("*.npz"):  # whatever carries a final name is whole
         assert np.load(npz)["arr_0"].shape == (6, 4, 4, 3)
     res = runner.invoke(app, [*args, "--out", str(out)])
     assert res.exit_code == 0, res.output
     assert json.loads((out / "manifest.json").read_text())["complete"] is True
     assert _finals(out) == _finals(tmp_path / "ref")
-    assert not list(out.glob(".*.tmp"))
+    assert not list(out.rglob(".*.tmp"))
 
 
 def test_an_interrupted_npz_rename_and_a_damaged_npz_are_written_again(synthetic_plugin, tmp_path, monkeypatch):
@@ -171,7 +177,7 @@ def test_an_interrupted_npz_rename_and_a_damaged_npz_are_written_again(synthetic
     real = os.replace
 
     def interrupted(src, dst):
-        if str(dst).endswith(".npz"):
+        if str(dst).endswith(".npz") and Path(dst).parent.name != IDS_PARTS:  # the ADM npz, not a token-id part
             raise KeyboardInterrupt
         return real(src, dst)
 

@@ -14,7 +14,28 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from ..errors import FileFormatError
+from ..downloads import download_url
+from ..errors import DD2Error, FileFormatError
+
+#: the ADM evaluator's ImageNet reference batches (openai/guided-diffusion), by the names `dd2 eval --ref` accepts
+ADM_REFERENCES = {
+    "imagenet256": "imagenet/256/VIRTUAL_imagenet256_labeled.npz",
+    "imagenet512": "imagenet/512/VIRTUAL_imagenet512.npz",
+}
+ADM_REFERENCES_URL = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches"
+#: Environment variable naming another base address of the reference batches (a mirror; tests serve them locally)
+ADM_REFERENCES_URL_ENV = "DD2_ADM_REFERENCES_URL"
+
+
+def adm_reference(name: str, cache_dir: Path) -> Path:
+    """The named ADM reference batch (`imagenet256`, `imagenet512`), downloaded into `cache_dir` once."""
+    if name not in ADM_REFERENCES:
+        raise DD2Error(f"There is no reference called '{name}'; named references: {', '.join(ADM_REFERENCES)}.")
+    base = (os.environ.get(ADM_REFERENCES_URL_ENV) or ADM_REFERENCES_URL).rstrip("/")
+    url = f"{base}/{ADM_REFERENCES[name]}"
+    filename = ADM_REFERENCES[name].rsplit("/", 1)[-1]
+    return download_url(url, cache_dir / filename, what=f"The ADM reference batch {filename} (--ref {name})",
+                        by_hand="pass --ref PATH")
 
 
 def _read_npy_header(fh) -> tuple[tuple[int, ...], np.dtype, bool]:

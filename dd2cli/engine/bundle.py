@@ -135,7 +135,7 @@ def spec_from_config(config: Mapping[str, Any]) -> TeacherSpec:
     return TeacherSpec(
         num_tokens=s["num_tokens"], vocab_size=s["vocab_size"], latent_dim=s["latent_dim"],
         num_classes=s["num_classes"], null_class=s["null_class"], steps=tuple(steps),
-        image_size=s["image_size"], reads_ids=bool(s.get("reads_ids", False)),
+        image_size=s["image_size"],
         **{k: SamplingSettings(**sampling[k]) for k in ("stage1", "target", "evaluation") if k in sampling},
     )
 

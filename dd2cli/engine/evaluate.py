@@ -22,7 +22,7 @@ from ..errors import DD2Error
 from ..files import fingerprint_file, load_safetensors, read_json, save_safetensors, write_json
 from ..plugins import registry
 from ..version import __version__
-from .adm_npz import _npz_keys, _NpzMember
+from .adm_npz import ADM_REFERENCES, _npz_keys, _NpzMember, adm_reference
 from .features import (
     DigitsExtractor,
     InceptionExtractor,
@@ -31,16 +31,16 @@ from .features import (
     digits_reference_resolution,
     extract_features,
 )
-from .metrics import feature_stats, frechet_distance, inception_score, precision_recall
+from .metrics import feature_stats, frechet_distance, inception_score, kernel_inception_distance, precision_recall
 from .progress import Progress
 from .runs import find_latest_sample_set
 from .runtime import resolve_device
 from .sample_sets import ImageSet, open_images
 
-METRICS = ("fid", "sfid", "is", "prec-recall", "class-consistency")
+METRICS = ("fid", "sfid", "kid", "is", "prec-recall", "class-consistency")
 #: the metrics `dd2 eval all` computes in each feature space
-ALL_METRICS = {"inception": ("fid", "sfid", "is", "prec-recall"),
-               "digits": ("fid", "is", "prec-recall", "class-consistency")}
+ALL_METRICS = {"inception": ("fid", "sfid", "kid", "is", "prec-recall"),
+               "digits": ("fid", "kid", "is", "prec-recall", "class-consistency")}
 
 
 @dataclass
@@ -71,8 +71,11 @@ def open_reference(path: Optional[str | os.PathLike], space: str, samples: Image
         raise DD2Error("Inception metrics need a reference: pass --ref with the ADM reference batch (e.g. "
                        "VIRTUAL_imagenet256_labeled.npz) or a folder of real images.")
     path = Path(path)
+    if str(path) in ADM_REFERENCES and not path.exists():  # a name: the ADM batch, downloaded into the cache once
+        path = adm_reference(str(path), default_cache_dir() / "refs")
     if not path.exists():
-        raise DD2Error(f"The reference {path} does not exist; pass an ADM reference .npz or a folder of images.")
+        raise DD2Error(f"The reference {path} does not exist; pass an ADM reference .npz, a folder of images, or "
+                       f"the name of an ADM reference batch ({', '.join(ADM_REFERENCES)}).")
     if path.is_file() and path.suffix == ".npz":
         keys = _npz_keys(path)
         stats = {}
@@ -106,7 +109,7 @@ def _reference_features(ref: Reference, extractor, batch_size: int, progress: Pr
     if not needs_images:
         return out
     if ref.images is None:
-        what = "images (arr_0) for precision/recall" if need_pool_features else "the statistics it needs"
+        what = "images (arr_0) for precision/recall or KID" if need_pool_features else "the statistics it needs"
         raise DD2Error(f"The reference {ref.name} has no {what}; pass a reference with images.")
     cache = default_cache_dir() / "eval" / f"ref-{extractor.key}-{ref.key}.safetensors"
     if cache.is_file():
@@ -142,6 +145,9 @@ class EvalRequest:
     json_path: Optional[Path] = None
     k: int = 3
     splits: int = 10
+    # KID: subsets of min(kid_subset_size, samples, reference images) images each, drawn with a fixed seed
+    kid_subsets: int = 100
+    kid_subset_size: int = 1000
 
 
 @dataclass
@@ -224,12 +230,17 @@ def evaluate(req: EvalRequest, progress: Progress | None = None) -> list[EvalRes
     sets = [open_images(p) for p in paths]
     space = _resolve_space(req.features, sets)
     metrics = [m for name in req.metrics for m in (ALL_METRICS[space] if name == "all" else (name,))]
+    if "kid" in metrics and (req.kid_subsets < 1 or req.kid_subset_size < 2):
+        raise DD2Error(f"KID needs at least 1 subset of at least 2 images; got {req.kid_subsets} subsets of "
+                       f"{req.kid_subset_size}.")
     if space == "digits" and "sfid" in metrics:
         raise DD2Error("sFID needs Inception's spatial features; use --features inception (or drop sfid).")
     if space == "inception" and "class-consistency" in metrics:
         raise DD2Error("Class-consistency needs the digits classifier; use --features digits.")
     device = resolve_device(req.device)
-    needs_ref = any(m in metrics for m in ("fid", "sfid", "prec-recall"))
+    needs_ref = any(m in metrics for m in ("fid", "sfid", "kid", "prec-recall"))
+    # precision/recall and KID compare features image by image: statistics (mu, sigma) are not enough
+    per_image = [name for m, name in (("prec-recall", "precision/recall"), ("kid", "KID")) if m in metrics]
     if space == "inception" and needs_ref and req.ref is None:
         raise DD2Error("Inception metrics need a reference: pass --ref with the ADM reference batch (e.g. "
                        "VIRTUAL_imagenet256_labeled.npz) or a folder of real images.")
@@ -243,9 +254,9 @@ def evaluate(req: EvalRequest, progress: Progress | None = None) -> list[EvalRes
             if key not in refs:
                 refs[key] = open_reference(req.ref, space, images)
             _check_resolution(refs[key], images)
-            if "prec-recall" in metrics and refs[key].images is None:
-                raise DD2Error(f"The reference {refs[key].name} has no images (arr_0) for precision/recall; pass a "
-                               f"reference with images.")
+            if per_image and refs[key].images is None:
+                raise DD2Error(f"The reference {refs[key].name} has no images (arr_0) for {' and '.join(per_image)}; "
+                               f"pass a reference with images.")
         if "class-consistency" in metrics and images.labels is None:
             raise DD2Error(f"{images.name} records no labels (no arr_1 and no dd2 manifest); class-consistency needs "
                            f"the label each image was sampled with.")
@@ -258,7 +269,7 @@ def evaluate(req: EvalRequest, progress: Progress | None = None) -> list[EvalRes
             ref = refs["given" if req.ref is not None else (images.height, images.width)]
             # first: a reference that lacks what a metric needs fails before the samples' features
             ref_feats = _reference_features(ref, extractor, req.batch_size, progress,
-                                            need_pool_features="prec-recall" in metrics,
+                                            need_pool_features=bool(per_image),
                                             need_spatial="sfid" in metrics)
         feats = extract_features(extractor, images, req.batch_size, progress, f"features of {images.name}")
         values: dict[str, float] = {}
@@ -268,6 +279,10 @@ def evaluate(req: EvalRequest, progress: Progress | None = None) -> list[EvalRes
         if "sfid" in metrics:
             mu, sigma = feature_stats(feats["spatial"])
             values["sfid"] = frechet_distance(mu, sigma, ref_feats["mu_s"], ref_feats["sigma_s"])
+        if "kid" in metrics:
+            values["kid"], values["kid_std"] = kernel_inception_distance(
+                feats["pool"], ref_feats["features"], subsets=req.kid_subsets, subset_size=req.kid_subset_size,
+                device=device)
         if "is" in metrics:
             values["is"], values["is_std"] = inception_score(feats["logits"], req.splits)
         if "prec-recall" in metrics:

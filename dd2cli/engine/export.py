@@ -227,7 +227,7 @@ def _bundle_config(info: dict, teacher, generator: Generator, parts: BundleParts
         "variant": info["teacher"],
         "spec": {"num_tokens": spec.num_tokens, "vocab_size": spec.vocab_size, "latent_dim": spec.latent_dim,
                  "num_classes": spec.num_classes, "null_class": spec.null_class, "num_steps": spec.num_steps,
-                 "steps": list(spec.steps), "image_size": spec.image_size, "reads_ids": spec.reads_ids,
+                 "steps": list(spec.steps), "image_size": spec.image_size,
                  "sampling": {"stage1": spec.stage1.as_dict(), "target": spec.target.as_dict(),
                               "evaluation": spec.evaluation.as_dict()}},
         "head": head_config(generator.model.head),

@@ -1,14 +1,17 @@
 """Feature networks of `dd2 eval`: Inception (FID, sFID, IS, precision/recall) and the digits classifier.
 
 The Inception network is torch-fidelity's port of the TF graph (through torchmetrics), loaded from a local
-file only: dd2 never downloads weights. The digits classifier ships with dd2 (`dd2cli/data/`); its features
-score the bundled digits teachers, where Inception means nothing.
+file, downloaded from torch-fidelity's release on first use unless offline. The digits classifier ships with dd2
+(`dd2cli/data/`); its features score the bundled digits teachers, where Inception means nothing.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import re
+import socket
+import urllib.error
 from pathlib import Path
 from typing import Mapping, Optional
 
@@ -17,7 +20,8 @@ import torch
 from torch import Tensor
 
 from ..digits import CLASSIFIER_PATH, CLASSIFIER_RESOLUTION, load_digits_classifier, load_digits_dataset
-from ..errors import DD2Error
+from ..downloads import download_timeout, is_offline
+from ..errors import DD2Error, DownloadError
 from ..files import check_state_dict, fingerprint_file, load_foreign_checkpoint
 from ..images import to_uint8
 from .progress import Progress
@@ -27,6 +31,8 @@ from .sample_sets import ImageSet, memory_images
 INCEPTION_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
                  "weights-inception-2015-12-05-6726825d.pth")
+#: Environment variable naming another address of the Inception file (a mirror; tests serve it on loopback)
+INCEPTION_URL_ENV = "DD2_INCEPTION_URL"
 CACHE_ENV = "DD2_CACHE_DIR"
 
 
@@ -36,8 +42,18 @@ def default_cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "dd2"
 
 
+def inception_url() -> str:
+    """Where a missing Inception file is downloaded from: `$DD2_INCEPTION_URL`, else torch-fidelity's release."""
+    return os.environ.get(INCEPTION_URL_ENV) or INCEPTION_URL
+
+
 def locate_inception_weights(explicit: Optional[str | os.PathLike] = None) -> Path:
-    """`--inception-weights PATH`, else the file pre-seeded in `$TORCH_HOME/hub/checkpoints/`."""
+    """`--inception-weights PATH`, else the file in `$TORCH_HOME/hub/checkpoints/`, downloaded there on first use.
+
+    The download (`torch.hub.download_url_to_file`) writes a temporary file that is moved into place only when
+    its SHA-256 starts with the prefix in the URL's file name (`...-6726825d.pth`, torch.hub's convention); offline
+    (`dd2 --offline`, `DD2_OFFLINE=1`) nothing is downloaded.
+    """
     if explicit is not None:
         path = Path(explicit).expanduser()
         if not path.is_file():
@@ -47,8 +63,35 @@ def locate_inception_weights(explicit: Optional[str | os.PathLike] = None) -> Pa
     hub = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILENAME
     if hub.is_file():
         return hub
-    raise DD2Error(f"The Inception weights {INCEPTION_FILENAME} were not found and dd2 never downloads them; "
-                   f"download {INCEPTION_URL} and pass --inception-weights PATH, or put the file in {hub.parent}.")
+    url = inception_url()
+    if is_offline():
+        raise DD2Error(f"The Inception weights {INCEPTION_FILENAME} were not found and dd2 never downloads them "
+                       f"offline; download {url} and pass --inception-weights PATH, or put the file in {hub.parent}.")
+    match = re.search(r"-([0-9a-f]{8,64})\.[A-Za-z]+$", url)
+    previous = socket.getdefaulttimeout()
+    try:
+        hub.parent.mkdir(parents=True, exist_ok=True)
+        socket.setdefaulttimeout(download_timeout())  # urllib waits forever otherwise
+        torch.hub.download_url_to_file(url, str(hub), hash_prefix=match.group(1) if match else None, progress=True)
+    except Exception as exc:  # urllib's, OSError and torch.hub's hash check: each becomes one sentence
+        hub.unlink(missing_ok=True)
+        reason = _download_failure(exc)
+        raise DownloadError(f"Could not download the Inception weights {INCEPTION_FILENAME} from {url} ({reason}); "
+                            f"download the file by hand and pass --inception-weights PATH, or put it in "
+                            f"{hub.parent}.") from exc
+    finally:
+        socket.setdefaulttimeout(previous)
+    return hub
+
+
+def _download_failure(exc: Exception) -> str:
+    if isinstance(exc, urllib.error.HTTPError):
+        return f"the server answered HTTP {exc.code}"
+    if isinstance(exc, (urllib.error.URLError, ConnectionError, TimeoutError)):
+        return "the server could not be reached"
+    if isinstance(exc, RuntimeError) and "hash" in str(exc):
+        return "its SHA-256 does not match the prefix in the file name, so it was deleted"
+    return f"the download failed ({type(exc).__name__})"
 
 
 def inception_network(state_dict: Optional[Mapping[str, Tensor]] = None, resize: str = "adm") -> torch.nn.Module:

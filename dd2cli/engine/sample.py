@@ -11,7 +11,9 @@ Modes (docs/method.md §6):
 
 Output folder: `000000.png`... (one per global index), `samples_NxHxWx3.npz` in the ADM layout
 (`arr_0` uint8 NHWC, labels in `arr_1`; written at the end from the PNGs), `manifest.json` (every
-setting, the source's identity, the dd2 version) and `preview.png`.
+setting, the source's identity, the dd2 version), `preview.png` and `tokens.npy`: the token ids of every
+sample, rows in index order (one step: the nearest codebook entry of each generated latent, with its distance in
+`token_distances.npy`), written per batch under `ids-parts/` like the PNGs, so an interrupted set resumes.
 
 Determinism: sample `i` depends only on the seed and `i`. Per-index draws (the generator's noise,
 the baseline's picks) use a generator seeded by `(seed, i)`; samplers that draw a whole batch with
@@ -45,6 +47,7 @@ from torch import Tensor
 from ..errors import DD2Error
 from ..files import fingerprint_file, load_safetensors, read_json, save_safetensors, sha256_file, write_json
 from ..plugins import get_variant
+from ..teacher import nearest_codebook
 from ..version import __version__
 from .bundle import load_bundle
 from .distributed import barrier, cleanup, init_from_env
@@ -53,16 +56,20 @@ from .progress import Progress
 from .runs import find_latest_run, load_generator_from_run, new_folder
 from .runtime import check_precision, maybe_compile, resolve_device, sampling_context
 from .sample_sets import (
+    IDS_PARTS,
     SampleFolderLock,
     _check_out_dir,
     _finalise,
     _find_resumable,
     _normalise,
     _Writer,
+    assemble_ids,
     chunks,
+    indices_with_ids,
     npz_is_readable,
     png_name,
     remove_stale_temporaries,
+    write_ids_part,
 )
 
 #: the indices one `torch.Generator` covers for block-wise samplers (teacher, k-step); part of the settings
@@ -122,10 +129,16 @@ class _Source:
     run_dir: Optional[Path] = None
     parent: Path = Path("dd2-samples")  # default folder of new sample sets (a teacher's: not under a run)
 
-    def one_step_images(self, eps_BNd: Tensor, labels_B: Tensor) -> Tensor:
+    def one_step(self, eps_BNd: Tensor, labels_B: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Images, the nearest-codebook ids of the generated latents and each latent's distance to its code."""
         if self.bundle is not None:
-            return self.bundle.generate(labels_B, eps_BNd)
-        return self.teacher.decode(self.one_step_tokens(eps_BNd, labels_B))
+            q_BNd, codebook_Vd = self.bundle.latents(labels_B, eps_BNd), self.bundle.codebook_Vd
+            decode = lambda ids: self.bundle.decoder(ids).float()
+        else:
+            q_BNd, codebook_Vd, decode = self.generator(eps_BNd, labels_B), self.teacher.codebook(), self.teacher.decode
+        q_BNd = q_BNd.to(codebook_Vd.dtype)
+        ids_BN = nearest_codebook(q_BNd, codebook_Vd)
+        return decode(ids_BN), ids_BN, (q_BNd - codebook_Vd[ids_BN]).norm(dim=-1)
 
     def one_step_tokens(self, eps_BNd: Tensor, labels_B: Tensor) -> Tensor:
         return self.teacher.as_tokens(self.generator(eps_BNd, labels_B))
@@ -400,9 +413,12 @@ def _write_set(req: SampleRequest, src: _Source, mode: str, k: int, schedule: La
     barrier(dist)  # every rank has read the old manifest before rank 0 rewrites it
     progress.message(f"Source: {src.describe}; mode: {mode}{f' ({k} steps)' if k > 1 else ''}")
     progress.message(f"{'Resuming' if old else 'Writing'} {req.n} samples {'in' if old else 'to'} {out}")
+    # token ids are kept for every set started by a dd2 that writes them (a set finished before keeps its images)
+    keep_ids = old is None or bool(old.get("ids_parts"))
     manifest = {
         "dd2_version": __version__, "complete": False, "n": req.n, "settings": settings, "source": settings["source"],
         "created": (old or {}).get("created") or _dt.datetime.now().isoformat(timespec="seconds"),
+        "ids_parts": keep_ids,
     }
     if dist.is_main:
         # writes cut short by a kill (never renamed into place); under the lock no live writer owns one
@@ -415,7 +431,8 @@ def _write_set(req: SampleRequest, src: _Source, mode: str, k: int, schedule: La
     unit = req.block_size
     my_blocks = range(dist.rank, math.ceil(req.n / unit), dist.world_size)
     mine = [i for b in my_blocks for i in range(b * unit, min((b + 1) * unit, req.n))]
-    todo = [i for i in mine if png_name(i) not in existing]
+    with_ids = indices_with_ids(out) if keep_ids else None
+    todo = [i for i in mine if png_name(i) not in existing or (with_ids is not None and i not in with_ids)]
     result = SampleResult(out_dir=out, n=req.n, mode=mode, source=src.describe, existing=len(mine) - len(todo))
 
     # 2. generate and write
@@ -437,19 +454,24 @@ def _write_set(req: SampleRequest, src: _Source, mode: str, k: int, schedule: La
                     wanted = [i for i in block if i in todo_set]
                     if not wanted:
                         continue
-                    images = _block_images(src, mode, k, block, schedule, sampling, req, device, b)
+                    images, tokens = _block_images(src, mode, k, block, schedule, sampling, req, device, b)
                     rows = [i - b * unit for i in wanted]
+                    if keep_ids:  # before the images: an image on disk always has its ids
+                        write_ids_part(out, wanted, tokens[rows])
                     writer.write(wanted, images[rows])
                     progress.advance(len(wanted))
             else:
                 for chunk in chunks(todo, req.batch_size):
                     labels = schedule(chunk).to(device)
+                    distance = None
                     if mode == "one-step":
                         eps = _fresh_eps(chunk, req.seed, (spec.num_tokens, spec.latent_dim), device)
-                        images = src.one_step_images(eps, labels)
+                        images, tokens, distance = src.one_step(eps, labels)
                     else:
                         tokens = baseline.tokens(req.seed, chunk, labels.cpu()).to(device)
                         images = src.teacher.decode(tokens)
+                    if keep_ids:
+                        write_ids_part(out, chunk, tokens, distance)
                     writer.write(chunk, images)
                     progress.advance(len(chunk))
             writer.wait()
@@ -476,6 +498,7 @@ def _write_set(req: SampleRequest, src: _Source, mode: str, k: int, schedule: La
             pass
         up_to_date = (old is not None and old.get("complete") and int(old.get("n", 0)) == req.n and npz_name
                       and result.generated == 0 and (out / "preview.png").is_file()
+                      and (not keep_ids or (out / old.get("tokens", "-")).is_file())
                       and npz_is_readable(out / npz_name, req.n))  # an npz damaged since is written again
         if up_to_date:
             result.npz, result.preview = out / npz_name, out / "preview.png"
@@ -485,7 +508,14 @@ def _write_set(req: SampleRequest, src: _Source, mode: str, k: int, schedule: La
             progress.message("Writing the ADM .npz and the preview grid")
             labels = schedule(range(req.n)).numpy()
             result.npz, result.preview = _finalise(out, req.n, labels)
-            final = {**manifest, "complete": True, "npz": result.npz.name, "preview": result.preview.name,
+            ids_files = {}
+            if keep_ids:
+                tokens_path, distances_path = assemble_ids(out, req.n, spec.vocab_size)
+                ids_files = {"tokens": tokens_path.name, "ids_source": _IDS_SOURCE[mode],
+                             **({"token_distances": distances_path.name} if distances_path else {})}
+            else:
+                progress.message(f"No token ids for this set: it was started before dd2 wrote them ({IDS_PARTS}/).")
+            final = {**manifest, **ids_files, "complete": True, "npz": result.npz.name, "preview": result.preview.name,
                      "finished": _dt.datetime.now().isoformat(timespec="seconds"),
                      "label_counts": np.bincount(labels, minlength=spec.num_classes).tolist(),
                      "last_invocation": {"generated": result.generated, "seconds": round(result.seconds, 3),
@@ -498,9 +528,14 @@ def _write_set(req: SampleRequest, src: _Source, mode: str, k: int, schedule: La
     return result
 
 
+#: what the ids in `tokens.npy` are, per mode (the manifest says it)
+_IDS_SOURCE = {"one-step": "nearest codebook entry of each generated latent", "k-step": "sampled token ids",
+               "teacher": "sampled token ids", "set-prediction": "sampled token ids"}
+
+
 def _block_images(src: _Source, mode: str, k: int, block: list[int], schedule: LabelSchedule, sampling,
-                  req: SampleRequest, device: str, b: int) -> Tensor:
-    """Images of one whole block, drawn with the block's own generator (teacher or k-step)."""
+                  req: SampleRequest, device: str, b: int) -> tuple[Tensor, Tensor]:
+    """Images and token ids of one whole block, drawn with the block's own generator (teacher or k-step)."""
     spec = src.spec
     labels = schedule(block).to(device)
     g = torch.Generator(device=device).manual_seed(index_seed(req.seed, "block", b))
@@ -516,4 +551,5 @@ def _block_images(src: _Source, mode: str, k: int, block: list[int], schedule: L
         # 2. the teacher re-samples the last k−1 AR steps given the earlier ones (paper Alg. 4)
         tokens = src.teacher.sample(labels, sampling, prefix_BN=prefix, start_step=spec.num_steps - (k - 1),
                                     generator=g)
-    return torch.cat([src.teacher.decode(tokens[s:s + req.batch_size]) for s in range(0, len(block), req.batch_size)])
+    images = torch.cat([src.teacher.decode(tokens[s:s + req.batch_size]) for s in range(0, len(block), req.batch_size)])
+    return images, tokens

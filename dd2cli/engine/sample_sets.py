@@ -4,7 +4,8 @@ refused with one sentence).
 
 A folder holds `000000.png`, ... (one per global index), `manifest.json` (every setting and the source's
 identity: a re-run with other settings is refused, one with the same settings finishes the missing PNGs),
-`samples_NxHxWx3.npz`, `preview.png` and `.dd2-sample.lock`, the lock its writer holds (`SampleFolderLock`).
+`samples_NxHxWx3.npz`, `tokens.npy` (the token ids, see `IDS_PARTS`), `preview.png` and `.dd2-sample.lock`, the
+lock its writer holds (`SampleFolderLock`).
 
 Every file is written to a temporary name unique to the writing process and renamed into place, and the manifest
 says `complete` only after the npz and the preview are in place: a kill at any moment leaves the old state or the
@@ -139,11 +140,12 @@ class SampleFolderLock:
 
 
 def remove_stale_temporaries(out: Path) -> None:
-    """Delete the temporary files of writes cut short by a kill (PNGs, npz, manifest, preview: `.NAME.*.tmp`).
+    """Delete the temporary files of writes cut short by a kill (PNGs, npz, manifest, preview, token-id parts:
+    `.NAME.*.tmp`).
 
     Only for the lock's holder: in a locked dd2 sample folder every temporary file belongs to a dead writer.
     """
-    for tmp in out.glob(".*.tmp"):
+    for tmp in [*out.glob(".*.tmp"), *(out / IDS_PARTS).glob(".*.tmp")]:
         tmp.unlink(missing_ok=True)
 
 
@@ -153,6 +155,73 @@ def npz_is_readable(path: Path, n: int) -> bool:
         return _NpzMember(path, "arr_0").shape[0] == n
     except (DD2Error, KeyError):
         return False
+
+
+#: token ids of the samples: written per batch into IDS_PARTS (resumable, one writer per part), joined into
+#: TOKENS_FILE (rows in index = manifest order) when the set is finished; one-step sets also get the distance of
+#: every generated latent to its nearest codebook entry in DISTANCES_FILE
+IDS_PARTS, TOKENS_FILE, DISTANCES_FILE = "ids-parts", "tokens.npy", "token_distances.npy"
+
+
+def write_ids_part(out: Path, indices: Sequence[int], ids_BN: Tensor, distance_BN: Optional[Tensor] = None) -> None:
+    """The token ids (and distances) of one written batch, atomically, before its images are written."""
+    arrays = {"indices": np.asarray(list(indices), dtype=np.int64), "ids": ids_BN.cpu().numpy().astype(np.int32)}
+    if distance_BN is not None:
+        arrays["distance"] = distance_BN.float().cpu().numpy()
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    (out / IDS_PARTS).mkdir(exist_ok=True)
+    atomic_write_bytes(out / IDS_PARTS / f"{int(arrays['indices'][0]):07d}-{len(indices)}.npz", buf.getvalue())
+
+
+def _read_parts(out: Path) -> Iterator[dict]:
+    folder = out / IDS_PARTS
+    if not folder.is_dir():
+        return
+    for path in sorted(folder.glob("*.npz")):
+        try:
+            with np.load(path) as z:
+                yield {k: z[k] for k in z.files}
+        except (OSError, ValueError, KeyError):
+            continue  # unreadable: its indices count as missing and are drawn again
+
+
+def indices_with_ids(out: Path) -> set[int]:
+    return {int(i) for part in _read_parts(out) for i in part["indices"]}
+
+
+def assemble_ids(out: Path, n: int, vocab_size: int) -> tuple[Path, Optional[Path]]:
+    """Rank 0: `tokens.npy (n, L)` (uint16 when the vocabulary fits, else int32) and, where every part has
+    them, `token_distances.npy (n, L)` float32, from the parts on disk."""
+    ids, dist = None, None
+    have = np.zeros(n, dtype=bool)
+    with_dist = True
+    for part in _read_parts(out):
+        keep = part["indices"] < n
+        rows, values = part["indices"][keep], part["ids"][keep]
+        if ids is None:
+            ids = np.zeros((n, values.shape[1]), dtype=np.uint16 if vocab_size <= 65536 else np.int32)
+        ids[rows] = values
+        have[rows] = True
+        if "distance" in part and with_dist:
+            if dist is None:
+                dist = np.zeros((n, values.shape[1]), dtype=np.float32)
+            dist[rows] = part["distance"][keep]
+        else:
+            with_dist = False
+    if ids is None or not have.all():
+        missing = int((~have).sum())
+        raise DD2Error(f"The token ids of {missing} of {n} samples are missing in {out / IDS_PARTS}; rerun the same "
+                       f"command to draw them again.")
+    buf = io.BytesIO()
+    np.save(buf, ids)
+    atomic_write_bytes(out / TOKENS_FILE, buf.getvalue())
+    if not (with_dist and dist is not None):
+        return out / TOKENS_FILE, None
+    buf = io.BytesIO()
+    np.save(buf, dist)
+    atomic_write_bytes(out / DISTANCES_FILE, buf.getvalue())
+    return out / TOKENS_FILE, out / DISTANCES_FILE
 
 
 def _save_png(path: Path, image_HW3: np.ndarray) -> None:

@@ -15,13 +15,19 @@ from pathlib import Path
 from dd2cli import CPU_DEMO_DEFAULTS, Family, Variant, WeightFile, hookimpl
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
-HF_URL = "https://huggingface.co/FoundationVision/LlamaGen/resolve/main/"
+#: the hub repository of the official files, downloaded on first use; no commit of it is pinned here, so the
+#: files come from its "main" branch (see docs/teachers/llamagen.md)
+HF_REPO = "FoundationVision/LlamaGen"
+HF_REVISION = "main"
+HF_URL = f"https://huggingface.co/{HF_REPO}/resolve/{HF_REVISION}/"
 
 VQ_FILE = WeightFile(
     key="vq",
     filename="vq_ds16_c2i.pt",
     description="LlamaGen VQ-16 tokenizer, 72M params",
     url=HF_URL + "vq_ds16_c2i.pt",
+    hf_repo=HF_REPO,
+    revision=HF_REVISION,
 )
 
 #: (variant name, GPT size, image size, official checkpoint, params, upstream README FID)
@@ -58,7 +64,7 @@ def official_variants() -> tuple[Variant, ...]:
             loader=_load_official,
             weights=(
                 WeightFile(key="gpt", filename=filename, description=f"LlamaGen GPT-{size} {image_size} px",
-                           url=HF_URL + filename),
+                           url=HF_URL + filename, hf_repo=HF_REPO, revision=HF_REVISION),
                 VQ_FILE,
             ),
             image_size=image_size,

@@ -12,7 +12,7 @@ averaged over positions, on token sequences sampled from the original teacher it
 with class labels replaced by the null class at rate `null_fraction` (CFG needs both).
 
     report = adapt_teacher(teacher, steps=300, batch_size=32, lr=1e-4)
-    student = report.teacher            # logits(latents) use the adapter; spec.reads_ids is False
+    student = report.teacher            # logits(latents) use the adapter
 """
 
 from __future__ import annotations
@@ -124,11 +124,11 @@ def adapt_teacher(teacher: Teacher, steps: int = 300, batch_size: int = 32, lr: 
     (default: `teacher.spec.stage1`, the paper's data setting). `pool_size` sequences (default
     `min(steps·batch_size, 4096)`) are sampled once and batches drawn from them; `eval_size`
     further sequences measure KL/agreement before and after. Returns an `AdaptReport` whose
-    `teacher` reads continuous latents (`spec.reads_ids == False`); `teacher` itself is unchanged.
+    `teacher` reads continuous latents through the adapter; `teacher` itself is unchanged.
     If fine-tuning made the measured KL worse (the objective it trains: with noise when
     `noise_std > 0`), the report keeps the fitted adapter instead (`report.kept == "fitted"`).
     """
-    if not teacher.spec.reads_ids:
+    if teacher.input_adapter is not None:
         raise DD2Error("This teacher already reads continuous latents; adapt the original (id-reading) teacher.")
     if steps < 0 or batch_size < 1 or lr <= 0:
         raise DD2Error(f"Adaptation needs steps >= 0, batch_size >= 1 and lr > 0 (got {steps}, {batch_size}, {lr}).")

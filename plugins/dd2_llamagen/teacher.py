@@ -2,7 +2,7 @@
 
 - `LlamaGenTeacher`: teacher-forced logits in one pass, CFG/top-k/top-p exactly as upstream's
   `generate.py`, a KV-cached AR sampler that can continue from a prefix, VQ decode/encode.
-  It reads token ids through `tok_embeddings` (`spec.reads_ids`): continuous inputs are snapped
+  It reads token ids through `tok_embeddings`: continuous inputs are snapped
   to the nearest normalised codebook row. `with_continuous_input(adapter)` gives a teacher that
   reads continuous latents through an adapter instead (see `adapt.py`).
 - `ContinuousInputAdapter`: the MLP `R^d → dim` (softmax hidden layer: a soft nearest-codebook
@@ -196,7 +196,7 @@ class LlamaGenTeacher(Teacher):
 
     `input_adapter=None`: the official teacher, reading token ids (continuous latents are snapped
     to the nearest normalised codebook row). With an adapter: reads latents `z` through it instead
-    of `tok_embeddings` (ids are first mapped to their codebook vectors), `spec.reads_ids = False`.
+    of `tok_embeddings` (ids are first mapped to their codebook vectors).
     """
 
     def __init__(self, gpt: LlamaGenGPT, vq: VQModel, *, variant_name: str = "llamagen",
@@ -229,7 +229,6 @@ class LlamaGenTeacher(Teacher):
             stage1=stage1 or scaled_settings(PAPER_STAGE1, V),
             target=target or scaled_settings(PAPER_TARGET, V),
             evaluation=evaluation or scaled_settings(PAPER_EVALUATION, V),
-            reads_ids=input_adapter is None,
         )
         self.requires_grad_(False)
         self.eval()
@@ -388,7 +387,7 @@ class LlamaGenTeacher(Teacher):
     def with_continuous_input(self, adapter: nn.Module, gpt: LlamaGenGPT | None = None) -> "LlamaGenTeacher":
         """A teacher that reads continuous latents through `adapter` (and optionally another GPT).
 
-        Shares the VQ (and the GPT unless one is given); `spec.reads_ids` is False.
+        Shares the VQ (and the GPT unless one is given).
         """
         adapter = adapter.eval().requires_grad_(False)
         gpt = self.gpt if gpt is None else gpt.eval().requires_grad_(False)

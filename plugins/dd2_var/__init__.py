@@ -16,7 +16,11 @@ from typing import Mapping
 
 from dd2cli import CPU_DEMO_DEFAULTS, Family, SamplingSettings, Variant, WeightFile, deep_merge, hookimpl
 
-_HF = "https://huggingface.co/FoundationVision/var/resolve/main"
+#: the hub repository of the official files, downloaded on first use; no commit of it is pinned here, so the
+#: files come from its "main" branch (see docs/teachers/var.md)
+HF_REPO = "FoundationVision/var"
+HF_REVISION = "main"
+_HF = f"https://huggingface.co/{HF_REPO}/resolve/{HF_REVISION}"
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 DIGITS_CONFIG = WEIGHTS_DIR / "var_digits.json"
 
@@ -55,6 +59,8 @@ _VAE_FILE = WeightFile(
     filename="vae_ch160v4096z32.pth",
     description="VAR multi-scale VQVAE tokenizer (V=4096, Cvae=32)",
     url=f"{_HF}/vae_ch160v4096z32.pth",
+    hf_repo=HF_REPO,
+    revision=HF_REVISION,
 )
 
 
@@ -67,7 +73,8 @@ def _official(depth: int) -> Variant:
         loader=_load,
         weights=(
             WeightFile(key="var", filename=f"var_d{depth}.pth",
-                       description=f"VAR-d{depth} transformer", url=f"{_HF}/var_d{depth}.pth"),
+                       description=f"VAR-d{depth} transformer", url=f"{_HF}/var_d{depth}.pth",
+                       hf_repo=HF_REPO, revision=HF_REVISION),
             _VAE_FILE,
         ),
         image_size=size,

@@ -151,7 +151,6 @@ class VarTeacher(Teacher):
             stage1=stage1,
             target=target,
             evaluation=evaluation,
-            reads_ids=False,  # VAR's word_embed reads continuous codebook-space vectors
         )
 
     def train(self, mode: bool = True) -> "VarTeacher":

@@ -40,7 +40,7 @@ def test_contract_on_bundled_digits(digits):
 
 def test_contract_on_continuous_input_teacher(mini):
     adapted = mini.with_continuous_input(mini.fitted_adapter())
-    assert adapted.spec.reads_ids is False and mini.spec.reads_ids is True
+    assert adapted.input_adapter is not None and mini.input_adapter is None
     check_teacher(adapted, check_backbone=False)
     # it reads latents through the adapter: no snapping, so off-codebook inputs change its logits
     ids, labels = torch.randint(0, 64, (2, 16)), torch.tensor([1, 2])
@@ -61,7 +61,7 @@ def test_spec_of_a_paper_size_teacher_on_meta():
     spec = t.spec
     assert (spec.num_tokens, spec.vocab_size, spec.latent_dim, spec.num_classes, spec.null_class) == (
         256, 16384, 8, 1000, 1000)
-    assert spec.steps == tuple(range(256)) and spec.num_steps == 256 and spec.reads_ids
+    assert spec.steps == tuple(range(256)) and spec.num_steps == 256 and t.input_adapter is None
     assert spec.stage1 == SamplingSettings(cfg=2.0, top_k=8000, top_p=1.0)
     assert spec.target == SamplingSettings(cfg=2.0, top_k=900, top_p=1.0)
     assert spec.evaluation == SamplingSettings(cfg=2.0, top_k=8000, top_p=1.0)

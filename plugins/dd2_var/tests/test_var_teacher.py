@@ -42,7 +42,7 @@ def test_spec(mini):
     spec = mini.spec
     assert spec.num_tokens == 21 and spec.vocab_size == 64 and spec.latent_dim == 8
     assert spec.steps == (0,) + (1,) * 4 + (2,) * 16
-    assert spec.null_class == 10 and spec.image_size == 16 and not spec.reads_ids
+    assert spec.null_class == 10 and spec.image_size == 16
     assert torch.equal(mini.codebook(), mini.vae.quantize.embedding.weight)
 
 

@@ -151,7 +151,6 @@ class RasterTeacher(Teacher):
             num_tokens=NUM_TOKENS, vocab_size=NUM_LEVELS, latent_dim=LATENT_DIM, num_classes=NUM_CLASSES,
             null_class=NULL_CLASS, steps=tuple(range(NUM_TOKENS)), image_size=SIDE,
             stage1=STAGE1, target=TARGET, evaluation=EVALUATION,
-            reads_ids=True,  # trained on codebook points only: off-code latents are snapped first
         )
 
     # ---- latent space -----------------------------------------------------------------------------
