@@ -108,6 +108,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--teachers", type=int, default=6, help="How many generated teachers (the first 6 are fixed).")
     ap.add_argument("--seed", type=int, default=0, help="Seed of the teacher family.")
+    ap.add_argument("--only", default="", help="Comma list of teacher indices to run (e.g. 2,5): a quick look at a few.")
     ap.add_argument("--samples", type=int, default=20000, help="Samples per class for every TV.")
     ap.add_argument("--jobs", type=int, default=2, help="Distillations side by side (one thread each).")
     ap.add_argument("--set", dest="sets", action="append", default=[], help="KEY=VALUE recipe change (repeatable).")
@@ -119,7 +120,10 @@ def main() -> None:
     samples = 2000 if args.quick and args.samples == 20000 else args.samples
     args.out.mkdir(parents=True, exist_ok=True)
 
-    names = [f"exact-bench-{i}" for i in range(args.teachers)]
+    picked = [int(i) for i in args.only.split(",") if i.strip()] or list(range(args.teachers))
+    if any(not 0 <= i < args.teachers for i in picked):
+        sys.exit(f"--only {args.only}: indices must be in 0..{args.teachers - 1}")
+    names = [f"exact-bench-{i}" for i in picked]
     pending, running, seconds, cpu_seconds = list(names), {}, {}, {}
     while pending or running:
         while pending and len(running) < args.jobs:
@@ -153,7 +157,7 @@ def main() -> None:
     from dd2cli.plugins import get_variant
 
     rows = []
-    for i, name in enumerate(names):
+    for i, name in zip(picked, names):
         row = {"teacher": name, "shape": get_variant(name).description, "distill_s": seconds.get(name),
                "distill_cpu_s": cpu_seconds.get(name),
                **_score(args.out / name, samples, seed=1000 + i)}

@@ -27,6 +27,10 @@ from dd2cli import losses, plugins  # noqa: E402
 from dd2cli.engine import distill  # noqa: E402
 
 plugins.register_plugin(SyntheticPlugin(), name="synthetic")
+if os.environ.get("DD2_TEST_EXACT"):  # the exact family's registered teachers as well
+    import dd2_exact  # noqa: E402
+
+    plugins.register_plugin(dd2_exact, name="exact")
 
 record_dir = os.environ.get("DD2_TEST_RECORD")
 if record_dir:
