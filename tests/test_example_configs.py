@@ -33,4 +33,4 @@ def test_the_exact_teacher_recipe_is_what_the_exact_family_ships():
     from_file.validate()
     assert from_file == shipped
     # and it differs from the engine's defaults where it matters
-    assert from_file.flow_init.steps == 800 and from_file.stage2.guidance_updates == 4
+    assert from_file.flow_init.steps == 2400 and from_file.stage2.guidance_updates == 4

@@ -6,9 +6,10 @@ the teacher's exact joint, side by side with the set-prediction baseline, the ge
 initialises it (a copy of ψ₀), the AR-diffusion model (10 Euler steps per token), the generator after
 the flow-map regression that ends stage 1, and the teacher's own samples (the sampling-noise floor).
 
-Recipe: the exact family's (`dd2_exact.EXACT_TEACHER_DEFAULTS`): stage 1 = 800 GTS steps + 800 flow-map
-regression updates, stage 2 = 400 CSD updates (K = 4, generator lr 1e-4). Measured with the recipe it was tuned
-to (docs/experiments/proposition1.md): TV 0.056 and 0.054 (seeds 0 and 1), baseline 0.571.
+Recipe: the exact family's (`dd2_exact.EXACT_TEACHER_DEFAULTS`): stage 1 = 800 GTS steps + 2,400 flow-map
+regression updates, stage 2 = 400 CSD updates (K = 4, generator lr 1e-4). Measured: TV 0.040 (flow map alone
+0.044), baseline 0.571, floor 0.010; with the recipe first tuned here (800 flow-map updates,
+docs/experiments/proposition1.md): 0.056 and 0.054 (seeds 0 and 1).
 The same stage 2 without the initialisation stage (no GTS, no flow map: the paper's generator from the
 teacher's backbone with an untrained head) ends at 0.39. Both runs go side by side, one core each.
 """
@@ -72,8 +73,8 @@ def test_proposition1_generator_matches_the_joint_and_needs_its_initialisation(s
 def test_proposition1_holds_on_generated_exact_teachers(tmp_path):
     """The same recipe on the exact family's two registered teachers (not the one it was tuned on): one step
     several times closer to the joint than set prediction, and two steps (the teacher re-samples the last AR
-    step) closer still. Measured: exact-raster one step 0.249 / two steps 0.125 / baseline 0.824 (floor 0.029);
-    exact-scales 0.138 / 0.046 / 0.712 (floor 0.033); docs/experiments/fidelity.md."""
+    step) closer still. Measured: exact-raster one step 0.156 / two steps 0.092 / baseline 0.824 (floor 0.030);
+    exact-scales 0.094 / 0.042 / 0.712 (floor 0.032); docs/experiments/fidelity.md."""
     import torch
 
     from dd2cli import plugins

@@ -25,7 +25,7 @@ EXACT_TEACHER_DEFAULTS: dict = {
     "head": {"width": 128, "depth": 2, "mlp_ratio": 2.0},
     "stage1": {"steps": 800, "batch_size": 128, "lr": 1e-3, "backbone_lr": 1e-3, "head_only_steps": 0,
                "noise_draws": 2, "warmup_steps": 20, "grad_clip": 1.0},
-    "flow_init": {"steps": 800, "batch_size": 128, "lr": 1e-3, "euler_steps": 20},
+    "flow_init": {"steps": 2400, "batch_size": 128, "lr": 1e-3, "euler_steps": 20},
     "stage2": {"steps": 400, "batch_size": 128, "guidance_updates": 4, "lr": 1e-4, "guidance_lr": 1e-3,
                "weighting": False, "balance_steps": True, "generator_draws": 4, "guidance_draws": 4,
                "grad_clip": 10.0, "warmup_steps": 50, "timesteps": {"kind": "uniform", "t_min": 0.05}},
