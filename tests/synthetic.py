@@ -18,13 +18,15 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
-from dd2_exact.model import ExactBackbone, ExactDecoder, ExactShape, ExactTeacher
-from dd2cli import BundleParts, bundle_factory, hookimpl
+from dd2_exact.model import ExactBackbone, ExactDecoder, ExactShape, ExactTeacher, build_bundle_backbone, build_bundle_decoder
+from dd2cli import BundleParts, hookimpl
 from dd2cli.teacher import Backbone
 from dd2cli.teachers import Family, SamplingSettings, Variant
 
-# the test teacher's networks are the exact family's (same architecture, factories under this module's name)
+# the test teacher's networks and bundle factories are the exact family's; a bundle of this test family names the
+# factories under this module (`synthetic:build_bundle_backbone`), hence the re-export
 SyntheticBackbone, SyntheticDecoder = ExactBackbone, ExactDecoder
+BUNDLE_FACTORIES = (build_bundle_backbone, build_bundle_decoder)
 
 
 def _tokens_per_step(steps: tuple[int, ...]) -> tuple[int, ...]:
@@ -69,17 +71,6 @@ class SyntheticTeacher(ExactTeacher):
         return dataclasses.replace(
             parts, backbone=dataclasses.replace(parts.backbone, factory="synthetic:build_bundle_backbone"),
             decoder=dataclasses.replace(parts.decoder, factory="synthetic:build_bundle_decoder"))
-
-
-@bundle_factory
-def build_bundle_backbone(config: dict) -> ExactBackbone:
-    return ExactBackbone(config["n"], config["d"], config["num_classes"], tuple(config["steps"]),
-                         config["width"], config["depth"], config["heads"])
-
-
-@bundle_factory
-def build_bundle_decoder(config: dict) -> ExactDecoder:
-    return ExactDecoder(config["vocab_size"], config["latent_dim"], config["num_tokens"], config["image_size"])
 
 
 def _load_synthetic(variant: Variant, weights: Mapping[str, Path], device: str) -> SyntheticTeacher:

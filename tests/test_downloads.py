@@ -44,33 +44,28 @@ class _Hub:
             def log_message(self, *args):  # quiet test output
                 pass
 
+            def _send(self, data: bytes, body: bool, breaks: bool) -> None:
+                """200 announcing all of `data`; with `breaks`, the connection closes after half of it."""
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if body and breaks:
+                    self.wfile.write(data[: len(data) // 2])
+                    self.wfile.flush()
+                    self.close_connection = True
+                elif body:
+                    self.wfile.write(data)
+
             def _answer(self, body: bool) -> None:
                 hub.requests.append((self.command, self.path))
                 if self.path in hub.static:
-                    data = hub.static[self.path]
-                    self.send_response(200)
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    if body and self.path in hub.static_short:
-                        self.wfile.write(data[: len(data) // 2])
-                        self.wfile.flush()
-                        self.close_connection = True
-                    elif body:
-                        self.wfile.write(data)
+                    self._send(hub.static[self.path], body, breaks=self.path in hub.static_short)
                     return
                 if self.path.startswith("/cdn/"):
                     data = hub.files[self.path[len("/cdn/"):]]
                     if hub.mode == "short":
                         data = data[: len(data) // 2]
-                    self.send_response(200)
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    if body and hub.mode == "drop":  # the connection breaks halfway, every time
-                        self.wfile.write(data[: len(data) // 2])
-                        self.wfile.flush()
-                        self.close_connection = True
-                    elif body:
-                        self.wfile.write(data)
+                    self._send(data, body, breaks=hub.mode == "drop")  # drop: breaks halfway, every time
                     return
                 prefix = f"/{REPO}/resolve/"
                 name = self.path[len(prefix):].split("/", 1)[-1] if self.path.startswith(prefix) else ""

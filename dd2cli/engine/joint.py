@@ -17,12 +17,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from ..errors import DD2Error
+from ..files import read_json, write_json
+from ..plugins import get_variant
+from ..teachers import SamplingSettings
+from .labels import labels_from_manifest
+from .sample_sets import TOKENS_FILE
 
 #: draws of the noise floor: its spread over draws is small next to the differences it is used to judge
 FLOOR_DRAWS = 5
@@ -144,16 +151,6 @@ def score_sample_sets(teacher_name: str, folders: Sequence, weights=None, device
     under `spec.target`, the distribution a generator is distilled to. Returns `(folder, report, settings
     text)` per set and, with `write`, puts `joint-tv.json` next to each set's manifest.
     """
-    from pathlib import Path
-
-    import numpy as np
-
-    from ..files import read_json, write_json
-    from ..plugins import get_variant
-    from ..teachers import SamplingSettings
-    from .labels import labels_from_manifest
-    from .sample_sets import TOKENS_FILE
-
     if not folders:
         raise DD2Error("Give the sample sets to score (folders written by dd2 sample).")
     teacher = get_variant(teacher_name).load(weights or None, device=device).eval()
