@@ -73,11 +73,11 @@ def _distill(args, env, nproc, port=None):
 @pytest.mark.slow
 @pytest.mark.parametrize("mode, before, after, port", [("ddp", 2, 1, 29531), ("ddp", 1, 2, 29532),
                                                        ("fsdp", 2, 1, 29533), ("fsdp", 1, 2, 29534)])
-def test_a_run_resumes_on_another_number_of_processes(tmp_path, mode, before, after, port):
-    """Checkpoints hold whole (unsharded) weights and Adam states, and every rank's random streams: a run
-    stopped in stage 2 continues with more or fewer processes from the same weights (a rank the checkpoint has
-    no streams for starts its own from the seed)."""
-    from dd2cli.engine.checkpoint import latest_checkpoint
+def test_a_run_resumes_on_another_number_of_processes(tmp_path, synthetic_plugin, mode, before, after, port):
+    """A checkpoint holds the weights and Adam states (whole, or an FSDP run's shards: one file per rank) and
+    every rank's random streams: a run stopped in stage 2 continues with more or fewer processes from the same
+    weights (a rank the checkpoint has no streams for starts its own from the seed)."""
+    from dd2cli.engine.checkpoint import Checkpoint, latest_checkpoint
 
     env, run = _env(), tmp_path / "run"
     common = ["--set", "stage1.steps=3", "--set", "stage1.batch_size=8", "--set", "stage2.batch_size=8",
@@ -86,16 +86,69 @@ def test_a_run_resumes_on_another_number_of_processes(tmp_path, mode, before, af
     _distill(["--teacher", "synthetic-corr", "--out", str(run), "--set", "stage2.steps=2", *common], env, before, port)
     stopped = latest_checkpoint(run)
     assert (stopped.stage, stopped.step) == (2, 2)
+    _assert_layout(stopped, sharded_by=before if mode == "fsdp" else 1)
     _distill(["--resume", str(run), "--set", "stage2.steps=4"], env, after, port)
     done = latest_checkpoint(run)
     assert (done.stage, done.step) == (2, 4)
+    _assert_layout(done, sharded_by=after if mode == "fsdp" else 1)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     stage2 = [r for r in rows if r["stage"] == 2]
     assert [r["step"] for r in stage2] == [1, 2, 3, 4]
     assert all(abs(r["loss_csd"]) < 1e3 and abs(r["loss_fcs"]) < 1e3 for r in stage2)
-    # the resumed updates started from the stopped weights and moved them
-    from dd2cli.files import load_safetensors
+    # the resumed updates started from the stopped weights and moved them; both read back whole in one process
+    a, b = Checkpoint(run / "checkpoints" / "stage2-0000002"), done
+    for name in ("generator", "ema", "guidance"):
+        wa, wb = a.module_state(name), b.module_state(name)
+        assert set(wa) == set(wb) and all(wa[k].shape == wb[k].shape for k in wa)
+    assert any(not torch.equal(v, b.module_state("generator")[k]) for k, v in a.module_state("generator").items())
+    # the one-step generator of a (possibly sharded) run loads as a whole module, as dd2 sample / export load it
+    from dd2cli.engine.runs import load_generator_from_run
 
-    a, _ = load_safetensors(run / "checkpoints" / "stage2-0000002" / "modules.safetensors")
-    b, _ = load_safetensors(done.path / "modules.safetensors")
-    assert set(a) == set(b) and any(not torch.equal(a[k], b[k]) for k in a if k.startswith("generator."))
+    gen, teacher, _ = load_generator_from_run(run)
+    with torch.no_grad():
+        q = gen(torch.randn(2, teacher.spec.num_tokens, teacher.spec.latent_dim), torch.tensor([0, 1]))
+    assert torch.isfinite(q).all()
+
+
+def _assert_layout(ckpt, sharded_by: int) -> None:
+    """An FSDP checkpoint written by N ranks is N files of shards plus an index; any other is whole safetensors."""
+    files = sorted(p.name for p in ckpt.path.rglob("*") if p.is_file())
+    if sharded_by > 1:
+        assert ckpt.sharded and "modules.safetensors" not in files, files
+        assert [f for f in files if f.endswith(".distcp")] == [f"__{r}_0.distcp" for r in range(sharded_by)], files
+        assert ".metadata" in files and "rng.safetensors" in files
+    else:
+        assert not ckpt.sharded and "modules.safetensors" in files and "optim.safetensors" in files, files
+
+
+@pytest.mark.slow
+def test_a_sharded_run_resumed_on_as_many_processes_continues_exactly(tmp_path, synthetic_plugin):
+    """FSDP over 2 processes, killed during stage 1's head-only phase and stopped again in stage 2, resumed from its
+    sharded checkpoints each time (every rank reading only its own slices), ends with the same weights as the
+    same run uninterrupted: weights, Adam states (a frozen backbone's absent ones too) and random streams all
+    come back."""
+    from dd2cli.engine.checkpoint import latest_checkpoint
+
+    env = _env()
+    common = ["--set", "stage1.batch_size=8", "--set", "stage2.batch_size=8", "--set", "head.width=32",
+              "--set", "run.sample_every=0", "--set", "run.checkpoint_every=2", "--set", "stage1.head_only_steps=3",
+              "--set", "stage1.steps=6", "--set", "flow_init.steps=2", "--set", "parallel=fsdp", "--device", "cpu"]
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    _distill(["--teacher", "synthetic-corr", "--out", str(whole), "--set", "stage2.steps=4", *common], env, 2, 29536)
+    # killed with stage-1 step 4's checkpoint written but not yet the latest: the run resumes from step 2
+    killed = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                             "29537", DRIVER, "--quiet", "distill", "--teacher", "synthetic-corr", "--out", str(parts),
+                             "--set", "stage2.steps=4", *common],
+                            env={**env, "DD2_TEST_KILL_INSIDE": "after-stage1-0000004:latest.json"},
+                            capture_output=True, text=True, timeout=600)
+    assert killed.returncode != 0
+    assert (latest_checkpoint(parts).stage, latest_checkpoint(parts).step) == (1, 2)
+    assert latest_checkpoint(parts).sharded
+    _distill(["--resume", str(parts), "--set", "stage2.steps=2"], env, 2, 29538)
+    assert latest_checkpoint(parts).sharded and latest_checkpoint(parts).step == 2
+    _distill(["--resume", str(parts), "--set", "stage2.steps=4"], env, 2, 29539)
+    a, b = latest_checkpoint(whole), latest_checkpoint(parts)
+    assert (a.stage, a.step) == (b.stage, b.step) == (2, 4) and a.sharded and b.sharded
+    for name in ("generator", "ema", "guidance"):
+        wa, wb = a.module_state(name), b.module_state(name)
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), name

@@ -6,31 +6,40 @@ A run directory holds:
     metrics.jsonl          one JSON object per logged step
     latest.json            {"stage": s, "step": k, "path": "checkpoints/stage{s}-{k:07d}"}
     checkpoints/stageS-K/  modules.safetensors, optim.safetensors, state.json
+                           (an FSDP run: sharded/, torch.distributed.checkpoint's folder with one file of shards
+                           per rank, and rng.safetensors, state.json)
     samples/*.png          sample grids
 
 A checkpoint folder is written under a temporary name and renamed into place, and `latest.json`
 (itself written atomically) is updated only after that, so a process killed at any moment leaves
 the previous checkpoint as the one to resume from. A resumed run removes the temporary folders of writes that
 a kill cut short, and falls back to the newest earlier checkpoint when the latest one is damaged.
+
+Sharded checkpoints never gather a network on one rank: each rank writes its own shards, and a reader with
+another number of ranks (or none: `dd2 sample`, `dd2 export`) has torch.distributed.checkpoint re-slice them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
 
 from ..errors import DD2Error, FileFormatError, OutputError, write_failure
-from ..files import atomic_write_bytes, load_safetensors, read_json, save_safetensors, write_json
+from ..files import atomic_write_bytes, fingerprint_file, load_safetensors, read_json, save_safetensors, write_json
+from .distributed import load_optimizer_state
 
 CKPT_DIR = "checkpoints"
 LATEST = "latest.json"
 FINAL_MARK = "FINAL"  # in the last checkpoint of stage 1
+SHARDED = "sharded"  # the torch.distributed.checkpoint folder inside a checkpoint written by an FSDP run
 
 
 def _flatten_optimizer(opt_state: Mapping[str, Any], prefix: str) -> tuple[dict[str, torch.Tensor], dict]:
@@ -102,6 +111,57 @@ def save_checkpoint(run_dir: Path, stage: int, step: int, modules: Mapping[str, 
     return dest
 
 
+def save_sharded_checkpoint(run_dir: Path, stage: int, step: int, modules: Mapping[str, torch.nn.Module | Mapping],
+                            optimizers: Mapping[str, torch.optim.Optimizer], state: Mapping[str, Any],
+                            rng: Mapping[str, torch.Tensor], *, is_main: bool, sync: Callable[[], None], keep: int = 2,
+                            final: bool = False) -> Path | None:
+    """`save_checkpoint` for FSDP runs, collective: every rank writes the shards it holds of each module and
+    optimiser state (torch.distributed.checkpoint), nothing is gathered. An optimiser is keyed like the module it
+    updates. Plain state dicts in `modules` (the same on every rank) are written once. Rank 0 finishes the folder
+    exactly as `save_checkpoint` does (temporary name, rename, `latest.json`); returns its path there.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    run_dir = Path(run_dir)
+    root = run_dir / CKPT_DIR
+    name = f"stage{stage}-{step:07d}"
+    dest, tmp = root / name, root / f".{name}.partial"  # one name every rank can compute
+    if is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    sync()
+    content = {"modules": {m: dict(mod) if isinstance(mod, Mapping) else get_model_state_dict(mod)
+                           for m, mod in modules.items()},
+               "optim": {o: get_optimizer_state_dict(modules[o], opt) for o, opt in optimizers.items()}}
+    try:
+        dcp.save(content, checkpoint_id=tmp / SHARDED)
+    except BaseException:
+        if is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if not is_main:
+        sync()
+        return None
+    try:
+        save_safetensors(tmp / "rng.safetensors", {f"rng.{k}": v for k, v in rng.items()})
+        write_json(tmp / "state.json", {"stage": stage, "step": step, "format": SHARDED, **state})
+        if final:
+            (tmp / FINAL_MARK).write_text("")
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        sync()
+        raise
+    write_json(run_dir / LATEST, {"stage": stage, "step": step, "path": f"{CKPT_DIR}/{name}"})
+    _prune(root, keep, protect=dest)
+    sync()
+    return dest
+
+
 def _prune(root: Path, keep: int, protect: Path) -> None:
     """Keep the newest `keep` checkpoints per stage, and always the final one of stage 1."""
     if keep <= 0:
@@ -114,15 +174,23 @@ def _prune(root: Path, keep: int, protect: Path) -> None:
 
 
 class Checkpoint:
-    """A loaded checkpoint folder."""
+    """A loaded checkpoint folder, whole (safetensors) or sharded (an FSDP run's, read on demand)."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         if not (self.path / "state.json").is_file():
             raise FileFormatError(f"{self.path} is not a complete dd2 checkpoint (state.json is missing).")
         self.state = read_json(self.path / "state.json")
-        self.weights, _ = load_safetensors(self.path / "modules.safetensors")
-        self._opt_tensors, _ = load_safetensors(self.path / "optim.safetensors")
+        self.sharded = self.state.get("format") == SHARDED
+        self._full: dict[str, dict[str, torch.Tensor]] = {}  # module name -> whole tensors read so far (sharded)
+        if self.sharded:
+            self._metadata = _sharded_metadata(self.path / SHARDED)
+            self._opt_tensors, _ = load_safetensors(self.path / "rng.safetensors")
+            self._names = {k.split(".")[1] for k in self._metadata.state_dict_metadata if k.startswith("modules.")}
+        else:
+            self.weights, _ = load_safetensors(self.path / "modules.safetensors")
+            self._opt_tensors, _ = load_safetensors(self.path / "optim.safetensors")
+            self._names = {k.split(".", 1)[0] for k in self.weights}
 
     @property
     def stage(self) -> int:
@@ -133,19 +201,77 @@ class Checkpoint:
         return int(self.state["step"])
 
     def module_state(self, name: str) -> dict[str, torch.Tensor]:
-        prefix = name + "."
-        out = {k[len(prefix):]: v for k, v in self.weights.items() if k.startswith(prefix)}
-        if not out:
+        """The module's whole state dict (a sharded checkpoint is read and re-assembled in this process)."""
+        if not self.has_module(name):
             raise FileFormatError(f"Checkpoint {self.path} holds no weights for '{name}'.")
-        return out
+        if not self.sharded:
+            prefix = name + "."
+            return {k[len(prefix):]: v for k, v in self.weights.items() if k.startswith(prefix)}
+        if name not in self._full:
+            from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+            prefix = f"modules.{name}."
+            empty = {k[len(prefix):]: torch.empty(m.size, dtype=m.properties.dtype)
+                     for k, m in self._metadata.state_dict_metadata.items()
+                     if k.startswith(prefix) and isinstance(m, TensorStorageMetadata)}
+            self._read({"modules": {name: empty}}, collective=False)
+            self._full[name] = empty
+        return dict(self._full[name])
 
     def has_module(self, name: str) -> bool:
-        return any(k.startswith(name + ".") for k in self.weights)
+        return name in self._names
 
     def load_module(self, name: str, module: torch.nn.Module) -> None:
         module.load_state_dict(self.module_state(name), strict=True)
 
+    def load_sharded_module(self, name: str, module: torch.nn.Module) -> None:
+        """Into a module sharded over this run's ranks (collective): each rank reads the slices it holds."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+        if not self.has_module(name):
+            raise FileFormatError(f"Checkpoint {self.path} holds no weights for '{name}'.")
+        sd = get_model_state_dict(module)
+        self._read({"modules": {name: sd}}, collective=True)
+        set_model_state_dict(module, sd)
+
+    def load_optimizer_into(self, name: str, module: torch.nn.Module, opt: torch.optim.Optimizer,
+                            sharded: bool) -> None:
+        """Restore the optimiser of `module` (sharded over this run's ranks when `sharded`, collective then)."""
+        if not self.sharded:
+            load_optimizer_state(module, opt, self.optimizer_state(name), sharded)
+            return
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+        # a fresh optimiser's state, created with the shapes to read into; parameters the checkpoint holds no state
+        # for (a backbone still frozen when it was written) keep Adam's zero start, as in an uninterrupted run
+        osd = get_optimizer_state_dict(module, opt)
+        self._read({"optim": {name: osd}}, collective=sharded, partial=True)
+        set_optimizer_state_dict(module, opt, osd)
+        # creating that state took one (zero) step, so a parameter the checkpoint holds no state for would resume
+        # with a step count of 1: drop its state, and Adam starts it afresh as the uninterrupted run does
+        saved = {k.split(".state.", 1)[1].rsplit(".", 1)[0] for k in self._metadata.state_dict_metadata
+                 if k.startswith(f"optim.{name}.state.")}
+        for fqn, param in module.named_parameters():
+            if fqn not in saved:
+                opt.state.pop(param, None)
+
+    def _read(self, state: dict, collective: bool, partial: bool = False) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+        try:
+            with warnings.catch_warnings():  # (that one process reads the checkpoint is the point, not a warning)
+                warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+                dcp.load(state, checkpoint_id=self.path / SHARDED, no_dist=not collective,
+                         planner=DefaultLoadPlanner(allow_partial_load=partial))
+        except (RuntimeError, OSError, ValueError, KeyError) as exc:
+            raise FileFormatError(f"Sharded checkpoint {self.path} cannot be read ({str(exc).splitlines()[0]}); "
+                                  f"resume from an earlier one or start a new run.") from None
+
     def optimizer_state(self, name: str) -> dict:
+        if self.sharded:
+            raise FileFormatError(f"Checkpoint {self.path} is sharded; restore its optimisers with "
+                                  f"load_optimizer_into.")
         return _unflatten_optimizer(self._opt_tensors, self.state["optimizers"][name], name)
 
     def load_optimizer(self, name: str, opt: torch.optim.Optimizer) -> None:
@@ -153,6 +279,31 @@ class Checkpoint:
 
     def rng(self) -> dict[str, torch.Tensor]:
         return {k[4:]: v for k, v in self._opt_tensors.items() if k.startswith("rng.")}
+
+
+def checkpoint_fingerprint(path: Path) -> str:
+    """A cheap identity of a checkpoint's weights, whole or sharded (what `dd2 sample` and `dd2 export` record);
+    nothing is loaded."""
+    path = Path(path)
+    if not (path / SHARDED).is_dir():
+        return fingerprint_file(path / "modules.safetensors")
+    parts = sorted((path / SHARDED).iterdir())
+    return hashlib.sha256("".join(f"{p.name}:{fingerprint_file(p)}" for p in parts).encode()).hexdigest()
+
+
+def _sharded_metadata(folder: Path):
+    """The index of a torch.distributed.checkpoint folder, after checking that every shard file it names is there."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        metadata = FileSystemReader(str(folder)).read_metadata()
+    except Exception as exc:  # a missing or cut .metadata file: any of several errors, all mean "damaged"
+        raise FileFormatError(f"Sharded checkpoint {folder.parent} has no readable index ({exc}).") from None
+    files = {getattr(info, "relative_path", None) for info in (metadata.storage_data or {}).values()}
+    missing = sorted(f for f in files if f and not (folder / f).is_file())
+    if missing:
+        raise FileFormatError(f"Sharded checkpoint {folder.parent} lacks {', '.join(missing)}.")
+    return metadata
 
 
 def latest_checkpoint(run_dir: Path) -> Checkpoint | None:

@@ -38,6 +38,7 @@ from .checkpoint import (
     remove_partial_checkpoints,
     resume_checkpoint,
     save_checkpoint,
+    save_sharded_checkpoint,
     truncate_metrics,
 )
 from .distributed import (
@@ -48,10 +49,7 @@ from .distributed import (
     broadcast_module,
     cleanup,
     clip_sharded_gradients,
-    full_optimizer_state,
-    full_state_dict,
     init_from_env,
-    load_optimizer_state,
     reshard,
     shard_model,
 )
@@ -174,14 +172,15 @@ class _Run:
             append_metrics(self.run_dir, {"stage": stage, "step": step, "time": round(time.time(), 3), **metrics})
 
     def checkpoint(self, stage: int, step: int, modules, optimizers, state, final: bool = False) -> Path | None:
-        """Every rank calls this (gathering sharded state is collective); rank 0 writes, and the barrier at the
-        end means every rank sees the finished checkpoint (with its `final` mark) on return."""
+        """Every rank calls this (a sharded checkpoint is written by all ranks); rank 0 finishes it, and every rank
+        sees the finished checkpoint (with its `final` mark) on return. Optimisers are keyed like their modules."""
         path = None
         rng = self.all_rng_states()
-        if self.sharded:  # each optimiser is keyed like the module it updates; plain state dicts pass as they are
+        if self.sharded:  # each rank writes its own shards: nothing is gathered
             self.resharded(*(m for m in modules.values() if isinstance(m, torch.nn.Module)))
-            optimizers = {k: full_optimizer_state(modules[k], opt, True) for k, opt in optimizers.items()}
-            modules = {k: m if isinstance(m, Mapping) else full_state_dict(m, True) for k, m in modules.items()}
+            return save_sharded_checkpoint(self.run_dir, stage, step, modules, optimizers, state, rng,
+                                           is_main=self.dist.is_main, sync=lambda: barrier(self.dist),
+                                           keep=self.settings.run.keep_checkpoints, final=final)
         if self.dist.is_main:
             path = save_checkpoint(self.run_dir, stage, step, modules, optimizers, state, rng,
                                    keep=self.settings.run.keep_checkpoints, final=final)
@@ -218,6 +217,23 @@ class _Run:
     def shard(self, model: ARDiffusion) -> None:
         if self.sharded:
             shard_model(model)
+
+    def place(self, ckpt: Checkpoint | None, modules: Mapping[str, torch.nn.Module]) -> None:
+        """Shard the networks (FSDP) and load their checkpointed weights, if any: whole weights go in before
+        sharding, a sharded checkpoint's slices after it (each rank reads only its own)."""
+        slices = ckpt is not None and ckpt.sharded and self.sharded
+        if ckpt is not None and not slices:
+            for name, module in modules.items():
+                ckpt.load_module(name, module)
+        for module in modules.values():
+            self.shard(module.model if isinstance(module, Generator) else module)
+        if slices:
+            for name, module in modules.items():
+                ckpt.load_sharded_module(name, module)
+
+    def restore_optimizer(self, ckpt: Checkpoint, name: str, module: torch.nn.Module,
+                          opt: torch.optim.Optimizer) -> None:
+        ckpt.load_optimizer_into(name, module, opt, self.sharded)
 
     def resharded(self, *modules: torch.nn.Module) -> None:
         if self.sharded:
@@ -323,9 +339,7 @@ def _stage1(run: _Run, ckpt: Checkpoint | None) -> ARDiffusion:
     s1 = run.settings.stage1
     model = run.new_model()
     broadcast_module(model, run.dist)
-    if ckpt is not None:
-        ckpt.load_module("model", model)
-    run.shard(model)  # after loading (checkpoints hold full tensors), before the optimiser sees the params
+    run.place(ckpt, {"model": model})  # before the optimiser sees the parameters
     head_params = list(model.head.parameters())
     backbone_params = list(model.backbone.parameters())
     opt = torch.optim.AdamW([{"params": head_params, "lr": s1.lr, "name": "head"},
@@ -336,7 +350,7 @@ def _stage1(run: _Run, ckpt: Checkpoint | None) -> ARDiffusion:
     flow_phase = run.settings.flow_init.steps > 0  # then the end of stage 1 is the end of that phase
     start = 0
     if ckpt is not None:
-        load_optimizer_state(model, opt, ckpt.optimizer_state("model"), run.sharded)
+        run.restore_optimizer(ckpt, "model", model, opt)
         run.restore_rng(ckpt.rng())
         start = ckpt.step
     if start >= s1.steps:
@@ -403,15 +417,13 @@ def _flow_init(run: _Run, ckpt: Checkpoint | None) -> None:
     src = ckpt if resuming else latest_checkpoint(run.run_dir)  # else: the checkpoint that ended GTS
     psi0_state = src.module_state("model")  # a plain copy on every rank, written with every checkpoint
     gen = Generator(run.new_model()).eval()
-    if resuming:
-        src.load_module("generator", gen)
-    else:
+    if not resuming:
         gen.model.load_state_dict(psi0_state)
-    run.shard(gen.model)
+    run.place(ckpt if resuming else None, {"generator": gen})
     opt = torch.optim.Adam([{"params": list(gen.parameters()), "name": "g"}], lr=1e-6, betas=(0.9, 0.95))
     start = 0
     if resuming:
-        load_optimizer_state(gen, opt, ckpt.optimizer_state("generator"), run.sharded)
+        run.restore_optimizer(ckpt, "generator", gen, opt)
         run.restore_rng(ckpt.rng())
         start = ckpt.step - offset
     if start >= fi.steps:
@@ -469,19 +481,14 @@ def _stage2(run: _Run, psi0: ARDiffusion, ckpt: Checkpoint | None,
         gen.load_state_dict(generator_init)
     ema = copy.deepcopy(gen).requires_grad_(False)
     resuming = ckpt is not None and ckpt.stage == 2
-    if resuming:
-        ckpt.load_module("generator", gen)
-        ckpt.load_module("ema", ema)
-        ckpt.load_module("guidance", guidance)
-    for net in (guidance, gen.model, ema.model):
-        run.shard(net)
+    run.place(ckpt if resuming else None, {"generator": gen, "ema": ema, "guidance": guidance})
     opt_g = torch.optim.Adam([{"params": list(gen.parameters()), "name": "g"}], lr=1e-6, betas=(0.9, 0.95))
     opt_psi = torch.optim.Adam([{"params": list(guidance.parameters()), "name": "psi"}], lr=s2.guidance_lr,
                                betas=(0.9, 0.95))
     start, aligned = 0, False
     if resuming:
-        load_optimizer_state(gen, opt_g, ckpt.optimizer_state("generator"), run.sharded)
-        load_optimizer_state(guidance, opt_psi, ckpt.optimizer_state("guidance"), run.sharded)
+        run.restore_optimizer(ckpt, "generator", gen, opt_g)
+        run.restore_optimizer(ckpt, "guidance", guidance, opt_psi)
         run.restore_rng(ckpt.rng())
         start, aligned = ckpt.step, bool(ckpt.state.get("aligned", False))
     batch = run.per_rank(s2.batch_size)

@@ -1,8 +1,8 @@
 """Data parallelism under `torchrun` (gloo on CPU, NCCL on CUDA); a no-op in a single process.
 
-Gradients are averaged with one all-reduce per parameter after each backward pass. That is what
-DDP computes, written out so it works with the alternating optimisers and frozen networks of
-stage 2. Rank 0 writes every file.
+Gradients are averaged after each backward pass in flat buckets, every all-reduce in flight at once: what
+DistributedDataParallel computes, written out so it works with the alternating optimisers and frozen networks
+of stage 2. Rank 0 writes every file, except the shards of an FSDP checkpoint.
 """
 
 from __future__ import annotations
@@ -124,8 +124,8 @@ def cleanup(info: DistInfo) -> None:
 # ---- fully sharded data parallel (FSDP2) -------------------------------------------------------------
 # `parallel = "fsdp"` shards parameters, gradients and optimiser state of the trainable networks over
 # the ranks (for backbones whose three trainable copies plus Adam state do not fit one device).
-# Checkpoints stay in the plain, unsharded layout (gathered on rank 0), so a run can be resumed with
-# either mode and `dd2 sample` / `dd2 export` never see sharded tensors.
+# Its checkpoints are sharded too (torch.distributed.checkpoint, `engine.checkpoint`): each rank writes its
+# own slices, and any number of ranks, or one process (`dd2 sample`, `dd2 export`), reads them back.
 
 def shard_model(model: torch.nn.Module) -> None:
     """Shard an `ARDiffusion` in place: each block of every `ModuleList`, then backbone and head.
@@ -160,41 +160,14 @@ def reshard(*modules: torch.nn.Module) -> None:
                 m.reshard()
 
 
-def full_state_dict(module: torch.nn.Module, sharded: bool) -> dict[str, torch.Tensor]:
-    """The module's complete state dict on rank 0 (collective when `sharded`; other ranks get {})."""
-    if not sharded:
-        return module.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    # on a CPU "offloading" copies nothing: the tensors may share memory that FSDP reuses in the next
-    # collective, so take a private copy before anything else runs
-    return {k: v.detach().clone() for k, v in full.items()}
-
-
 def _param_names(module: torch.nn.Module, opt: torch.optim.Optimizer) -> list[str]:
     names = {id(p): n for n, p in module.named_parameters()}
     return [names[id(p)] for group in opt.param_groups for p in group["params"]]
 
 
-def full_optimizer_state(module: torch.nn.Module, opt: torch.optim.Optimizer, sharded: bool) -> dict:
-    """The optimiser's state in `Optimizer.state_dict()` layout (integer ids), gathered when sharded."""
-    if not sharded:
-        return opt.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-    osd = get_optimizer_state_dict(module, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if not osd:
-        return {}
-    osd = {"state": {n: {k: v.detach().clone() if torch.is_tensor(v) else v for k, v in entry.items()}
-                     for n, entry in osd["state"].items()}, "param_groups": osd["param_groups"]}  # see above
-    index = {name: i for i, name in enumerate(_param_names(module, opt))}
-    groups = [{**g, "params": [index[n] for n in g["params"]]} for g in osd["param_groups"]]
-    return {"state": {index[n]: entry for n, entry in osd["state"].items()}, "param_groups": groups}
-
-
 def load_optimizer_state(module: torch.nn.Module, opt: torch.optim.Optimizer, state: dict, sharded: bool) -> None:
-    """Inverse of `full_optimizer_state`: every rank passes the complete state it read from disk."""
+    """A whole checkpoint's optimiser state (`Optimizer.state_dict()` layout, integer ids) into `opt`; when the
+    run is sharded, every rank passes the complete state it read from disk and keeps its own slices."""
     if not sharded:
         opt.load_state_dict(state)
         return

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from ..config import from_dict
 from ..errors import DD2Error
-from ..files import fingerprint_file, read_json, save_safetensors, write_json
+from ..files import read_json, save_safetensors, write_json
 from ..heads import head_config
 from ..networks import Generator
 from ..plugins import distribution_of, registry
@@ -47,6 +47,7 @@ from .bundle import (
     content_hash,
     load_bundle,
 )
+from .checkpoint import checkpoint_fingerprint
 from .model_card import model_card
 from .progress import Progress
 from .runs import check_empty_out, load_generator_from_run
@@ -113,10 +114,12 @@ def _run_facts(run_dir: Path) -> dict:
     """Which checkpoint of which run (the fingerprint is the one `dd2 sample` records for runs)."""
 
     latest = read_json(run_dir / "latest.json")
-    modules = run_dir / str(latest.get("path")) / "modules.safetensors"
+    try:
+        fingerprint = checkpoint_fingerprint(run_dir / str(latest.get("path")))
+    except (DD2Error, OSError):
+        fingerprint = None
     return {"name": run_dir.resolve().name, "checkpoint": latest.get("path"), "checkpoint_stage": latest.get("stage"),
-            "checkpoint_step": latest.get("step"),
-            "checkpoint_sha256": fingerprint_file(modules) if modules.is_file() else None}
+            "checkpoint_step": latest.get("step"), "checkpoint_sha256": fingerprint}
 
 
 def _eval_records(run_dir: Path) -> list[dict]:

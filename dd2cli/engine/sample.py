@@ -45,11 +45,12 @@ import torch.distributed as tdist
 from torch import Tensor
 
 from ..errors import DD2Error
-from ..files import fingerprint_file, load_safetensors, read_json, save_safetensors, sha256_file, write_json
+from ..files import load_safetensors, read_json, save_safetensors, sha256_file, write_json
 from ..plugins import get_variant
 from ..teacher import nearest_codebook
 from ..version import __version__
 from .bundle import load_bundle
+from .checkpoint import checkpoint_fingerprint
 from .distributed import barrier, cleanup, init_from_env
 from .labels import LabelSchedule, index_seed
 from .progress import Progress
@@ -146,10 +147,9 @@ class _Source:
 
 def _run_identity(run_dir: Path, which: str, info: Mapping[str, Any], teacher) -> tuple[dict, str]:
     latest = read_json(run_dir / "latest.json")
-    modules = run_dir / latest["path"] / "modules.safetensors"
     ident = {"kind": "run", "run_dir": str(run_dir.resolve()), "teacher": info["teacher"],
              "teacher_identity": teacher.identity(), "weights": which, "checkpoint": latest["path"],
-             "checkpoint_step": int(latest["step"]), "checkpoint_sha256": fingerprint_file(modules)}
+             "checkpoint_step": int(latest["step"]), "checkpoint_sha256": checkpoint_fingerprint(run_dir / latest["path"])}
     label = "EMA" if which == "ema" else "raw"
     return ident, f"run {run_dir} ({label} generator, stage-2 step {latest['step']}, teacher {info['teacher']})"
 
