@@ -16,7 +16,7 @@ import struct
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from .errors import CheckpointMismatchError, FileFormatError, write_failure
 
@@ -26,8 +26,8 @@ if TYPE_CHECKING:  # pragma: no cover
 _HASH_KEY = "dd2_sha256"
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to `path` via a temp file in the same folder + fsync + rename.
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
+    """`write(tmp)` fills a temporary file in `path`'s folder, which is then synced to disk and renamed to `path`.
 
     A failure (disk full, read-only location) leaves `path` as it was and raises one sentence (`OutputError`).
     """
@@ -37,9 +37,9 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
+        os.close(fd)
+        write(Path(tmp))
+        with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except OSError as exc:
@@ -50,6 +50,11 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` atomically (`atomic_write`)."""
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
 def _umask() -> int:
@@ -90,7 +95,7 @@ def _tensor_digest(tensors: Mapping[str, "torch.Tensor"]) -> str:
         h.update(name.encode())
         h.update(str(t.dtype).encode())
         h.update(str(tuple(t.shape)).encode())
-        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.view(-1).view(torch.uint8).numpy() if t.numel() else b"")  # (read in place, no copy)
     return h.hexdigest()
 
 
@@ -101,13 +106,14 @@ def save_safetensors(path: str | os.PathLike, tensors: Mapping[str, "torch.Tenso
     The header's `format` is `"pt"`, what the ecosystem's loaders (transformers, diffusers, timm) expect of
     PyTorch tensors; a caller's own `format` is kept beside it as `dd2_format`.
     """
-    from safetensors.torch import save
+    from safetensors.torch import save_file
 
     prepared = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     meta = {("dd2_format" if str(k) == "format" else str(k)): str(v) for k, v in (metadata or {}).items()}
     meta["format"] = "pt"
     meta[_HASH_KEY] = _tensor_digest(prepared)
-    atomic_write_bytes(path, save(prepared, metadata=meta))
+    # written from the tensors' own memory: no second copy of a checkpoint (gigabytes at real size) in RAM
+    atomic_write(path, lambda tmp: save_file(prepared, str(tmp), metadata=meta))
 
 
 def load_safetensors(path: str | os.PathLike, device: str = "cpu", verify: bool = True

@@ -106,9 +106,11 @@ def fcs_loss(guidance: ARDiffusion, q_BNd: Tensor, labels_B: Tensor, *, draws: i
 
 @dataclass
 class CSDOutput:
+    """The loss and two detached scalars for the logs (tensors: reading them is the caller's synchronisation)."""
+
     loss: Tensor
-    weight_mean: float
-    score_gap: float  # mean ‖D_real − D_fake‖², a progress signal
+    weight_mean: Tensor
+    score_gap: Tensor  # mean ‖D_real − D_fake‖², a progress signal
 
 
 def csd_loss(generator_net: Generator, guidance: ARDiffusion, teacher: Teacher, eps_BNd: Tensor, labels_B: Tensor, *,
@@ -150,4 +152,4 @@ def csd_loss(generator_net: Generator, guidance: ARDiffusion, teacher: Teacher, 
     if position_weights_N is not None:
         w = w * position_weights_N[:, None]
     loss = (w * per_draw).mean()
-    return CSDOutput(loss=loss, weight_mean=float(w.mean()), score_gap=float(gap.detach().square().sum(-1).mean()))
+    return CSDOutput(loss=loss, weight_mean=w.mean().detach(), score_gap=gap.detach().square().sum(-1).mean())

@@ -63,9 +63,9 @@ if kill_inside:
     from dd2cli import files
 
     folder, _, file_name = kill_inside.partition(":")
-    original_write = files.atomic_write_bytes
+    original_write = files.atomic_write
 
-    def killing_write(path, data):
+    def killing_write(path, write):
         path = Path(path)
         if folder.startswith("after-"):
             inside = (path.parent / "checkpoints" / folder[len("after-"):]).is_dir()
@@ -73,9 +73,9 @@ if kill_inside:
             inside = path.parent.name.startswith(f".{folder}.")
         if path.name == file_name and inside:
             os.kill(os.getpid(), signal.SIGKILL)  # as the OOM killer or a lost node would: no cleanup at all
-        return original_write(path, data)
+        return original_write(path, write)
 
-    files.atomic_write_bytes = killing_write
+    files.atomic_write = killing_write
 
 from dd2cli.cli import main  # noqa: E402
 

@@ -185,12 +185,21 @@ class Checkpoint:
         self._full: dict[str, dict[str, torch.Tensor]] = {}  # module name -> whole tensors read so far (sharded)
         if self.sharded:
             self._metadata = _sharded_metadata(self.path / SHARDED)
-            self._opt_tensors, _ = load_safetensors(self.path / "rng.safetensors")
             self._names = {k.split(".")[1] for k in self._metadata.state_dict_metadata if k.startswith("modules.")}
+            self._extras = self.path / "rng.safetensors"
         else:
             self.weights, _ = load_safetensors(self.path / "modules.safetensors")
-            self._opt_tensors, _ = load_safetensors(self.path / "optim.safetensors")
             self._names = {k.split(".", 1)[0] for k in self.weights}
+            self._extras = self.path / "optim.safetensors"
+            if not self._extras.is_file():
+                raise FileFormatError(f"{self.path} is not a complete dd2 checkpoint (optim.safetensors is missing).")
+        self._opt: dict[str, torch.Tensor] | None = None  # optimiser states and random streams, read when asked for
+
+    @property
+    def _opt_tensors(self) -> dict[str, torch.Tensor]:
+        if self._opt is None:
+            self._opt, _ = load_safetensors(self._extras)
+        return self._opt
 
     @property
     def stage(self) -> int:
@@ -339,6 +348,7 @@ def resume_checkpoint(run_dir: Path, on_message: Callable[[str], None] | None = 
     for path in [named, *older]:
         try:
             ckpt = Checkpoint(path)
+            ckpt.rng()  # (reads the optimiser file too: a resume needs every part whole)
         except (DD2Error, OSError, KeyError, ValueError) as exc:
             if on_message is not None:
                 on_message(f"checkpoint {path.name} cannot be read ({exc}); trying the one before it")

@@ -471,12 +471,16 @@ def _init_from(run: _Run, psi0: ARDiffusion, how: str) -> ARDiffusion:
     return run.new_model()  # the teacher's backbone and a new head: no GTS tuning (ablation)
 
 
-def _stage2(run: _Run, psi0: ARDiffusion, ckpt: Checkpoint | None,
+def _stage2(run: _Run, start: list[ARDiffusion], ckpt: Checkpoint | None,
             generator_init: Mapping[str, torch.Tensor] | None = None) -> tuple[Generator, int, Path | None]:
-    """CSD; `generator_init`: the generator's starting weights when stage 1 ended with the flow-map phase."""
+    """CSD from `start` = [ψ₀], which is emptied: ψ₀ is released once the guidance network and the generator are
+    copied from it (stage 2 holds five networks already). `generator_init`: the generator's starting weights when
+    stage 1 ended with the flow-map phase."""
     s2 = run.settings.stage2
+    psi0 = start.pop()
     guidance = _init_from(run, psi0, s2.init_guidance)
     gen = Generator(_init_from(run, psi0, s2.init_generator)).eval()
+    del psi0
     if generator_init is not None:
         gen.load_state_dict(generator_init)
     ema = copy.deepcopy(gen).requires_grad_(False)
@@ -564,7 +568,7 @@ def _stage2(run: _Run, psi0: ARDiffusion, ckpt: Checkpoint | None,
         loss_g = average_scalar(out.loss.item(), run.dist)
         run.check_finite(2, it + 1, csd=loss_g, guidance=loss_psi)
         done += 1
-        metrics = {"loss_csd": loss_g, "loss_fcs": loss_psi, "score_gap": average_scalar(out.score_gap, run.dist),
+        metrics = {"loss_csd": loss_g, "loss_fcs": loss_psi, "score_gap": average_scalar(float(out.score_gap), run.dist),
                    "grad_norm": grad_norm, "lr": opt_g.param_groups[0]["lr"],
                    "it_s": done / (time.perf_counter() - t0)}
         run.update(it + 1, metrics)
@@ -771,7 +775,9 @@ def _run(req: DistillRequest, run_dir: Path, info: dict, settings: DistillSettin
         if req.stage == "2" and final1 is None:
             raise DD2Error(f"Run {run_dir} has no finished stage 1; run it first (--stage 1 or all).")
         ckpt2 = ckpt if ckpt is not None and ckpt.stage == 2 else None
-        result.generator, result.stage2_step, result.grid = _stage2(r, psi0, ckpt2, generator_init)
+        start = [psi0]
+        del psi0
+        result.generator, result.stage2_step, result.grid = _stage2(r, start, ckpt2, generator_init)
         return result
     except KeyboardInterrupt:
         progress.stop()
