@@ -15,11 +15,13 @@ from rich.text import Text
 
 from .cli_common import Stage, console, handle_errors, parse_weights, progress_for, say, show, state
 from .config import describe
+from .errors import DD2Error
 from .files import read_json
 from .settings import DistillSettings
 
 if TYPE_CHECKING:
     from .engine.distill import Prepared
+    from .engine.memory import MemoryPlan
 
 
 @handle_errors
@@ -41,6 +43,14 @@ def distill(
     list_settings: bool = typer.Option(False, "--list-settings", metavar="", help="Print every setting this run would use "
                                        "(after --teacher, --config, --set or --resume), where its value comes from "
                                        "and what it means, then exit without writing anything."),
+    dry_run: bool = typer.Option(False, "--dry-run", metavar="", help="Print the memory plan of this run (weights, "
+                                 "gradients, optimiser states and activations per rank, per stage, under ddp and fsdp, "
+                                 "fp32 and bf16, with and without activation checkpointing), then exit; needs no "
+                                 "weight files for the official variants."),
+    nproc: Optional[int] = typer.Option(None, "--nproc", help="With --dry-run: the number of processes (GPUs) to plan "
+                                        "for (default: $WORLD_SIZE, else 1)."),
+    gpu_memory: Optional[str] = typer.Option(None, "--gpu-memory", help="With --dry-run: memory per GPU, e.g. 80GB; "
+                                             "the plan then says whether each stage fits and what to change if not."),
 ) -> None:
     """Distil a teacher into a one-step generator: stage 1 (GTS init) then stage 2 (CSD). Resumable.
 
@@ -52,6 +62,19 @@ def distill(
                          out=out, resume=resume, stage=stage.value, device=device, seed=seed)
     if list_settings:  # the engine resolves the settings exactly as the run would; it reads and writes nothing
         console.print(settings_table(prepare(req), resumed=resume is not None))
+        return
+    if nproc is not None or gpu_memory is not None:
+        if not dry_run:
+            raise DD2Error("--nproc and --gpu-memory describe the machine for --dry-run; add --dry-run (a real run takes "
+                           "its processes from torchrun).")
+    if dry_run:
+        from .engine.memory import memory_plan
+        from .plugins import get_variant
+
+        prepared = prepare(req)
+        plan = memory_plan(get_variant(prepared.info["teacher"]), prepared.settings, nproc=nproc,
+                           gpu_memory=gpu_memory, weights=req.weights)
+        print_plan(plan)
         return
     progress = progress_for(state.quiet)
 
@@ -140,3 +163,65 @@ def _quality_table(run_dir: Path, device: Optional[str], threads: int = 0) -> No
                       f"{r.images_per_s:.0f}")
     console.print(table)
     show(f"Written: {run_dir / 'quality.json'}")
+
+
+def _gb(nbytes: float) -> str:
+    return f"{nbytes / 1e9:.1f}" if nbytes >= 0.05e9 or nbytes == 0 else f"{nbytes / 1e9:.2f}"
+
+
+def _line(text: str, style: str | None = None) -> None:
+    """A line of the plan on stdout, folded at the terminal's width (80 columns in a log)."""
+    console.print(Text(text, style=style or ""))
+
+
+def print_plan(plan: MemoryPlan) -> None:
+    """`dd2 distill --dry-run`: three tables and a verdict per stage, each line within 80 columns."""
+    s = plan.settings
+    gpus = f", {plan.gpu_bytes / 1e9:.0f} GB per GPU" if plan.gpu_bytes else ""
+    procs = f"{plan.nproc} process{'es' if plan.nproc > 1 else ''}"
+    _line(f"Memory plan of {plan.teacher}: {procs}{gpus} (GB = 10^9 bytes)", style="bold")
+
+    nets = Table(box=box.SIMPLE_HEAD, pad_edge=False, title=Text("networks (GB)"), title_justify="left")
+    for col in ("network", "params", "weights", "grads", "Adam"):
+        nets.add_column(col, justify="left" if col == "network" else "right")
+    trained = {h.network for st in plan.stages for h in st.holds if h.role == "trained"}
+    held = {h.network for st in plan.stages for h in st.holds}
+    for key, n in plan.networks.items():
+        if key not in held:
+            continue
+        train = key in trained
+        nets.add_row(n.name, f"{n.params / 1e6:,.0f} M", _gb(n.weight_bytes), _gb(n.grad_bytes) if train else "-",
+                     _gb(n.adam_bytes) if train else "-")
+    console.print(nets)
+
+    acts = Table(box=box.SIMPLE_HEAD, pad_edge=False, title=Text("activations per sequence (GB)"),
+                 title_justify="left")
+    for col in ("update", "fp32", "bf16", "fp32 ckpt", "bf16 ckpt"):
+        acts.add_column(col, justify="left" if col == "update" else "right")
+    for st in plan.stages:
+        for name, a in st.updates:
+            acts.add_row(f"{st.key}: {name}", *(_gb(a.per_sample(p, c)) for c in (False, True)
+                                                 for p in ("fp32", "bf16")))
+    console.print(acts)
+
+    per = Table(box=box.SIMPLE_HEAD, pad_edge=False, title_justify="left",
+                title=Text("per rank at the configured batch (GB); ckpt: activation checkpointing"))
+    for col in ("stage", "batch/rank", "ddp fp32", "ddp bf16", "fsdp fp32", "fsdp bf16"):
+        per.add_column(col, justify="left" if col == "stage" else "right")
+    for st in plan.stages:
+        for ckpt in (False, True):
+            cells = [_gb(plan.per_rank(st, par, prec, ckpt).total) for par in ("ddp", "fsdp") for prec in ("fp32", "bf16")]
+            per.add_row(f"{st.key}{' ckpt' if ckpt else ''}", f"{st.batch / plan.nproc:g}", *cells)
+    console.print(per)
+
+    flags = f"parallel={s.parallel}, precision={s.precision}, activation_checkpointing={str(s.activation_checkpointing).lower()}"
+    _line(f"Configured: {flags}")
+    for st in plan.stages:
+        total = plan.configured(st).total
+        line = f"{st.title}: {_gb(total)} GB per rank"
+        if plan.gpu_bytes:
+            advice = plan.advice(st)
+            line += " - fits" if advice is None else f" > {plan.gpu_bytes / 1e9:.0f} GB: {advice}"
+        _line(line)
+    _line("bf16: the networks' saved tensors at 2 bytes (a lower bound until measured on a GPU); "
+        "activations traced, then scaled by a factor measured on CPU (benchmarks/RESULTS.md).", style="dim")

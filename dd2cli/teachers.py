@@ -10,7 +10,7 @@ import os
 import warnings
 from dataclasses import InitVar, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Optional
 
 from .downloads import cached_file, fetch, is_offline
 from .errors import MissingWeightsError, PluginError
@@ -176,6 +176,10 @@ class Variant:
     #: licence of its weights (an SPDX-style id such as "mit"; "" when unknown)
     base_model: str = ""
     license: str = ""
+    #: `skeleton(variant)`: the teacher's networks at their initial weights, reading no file (optional). The memory
+    #: plan (`dd2 distill --dry-run`) calls it under `torch.device("meta")`, so nothing is allocated and no weights
+    #: are needed; without it the plan loads the teacher, which needs its weight files.
+    skeleton: Optional[Callable[["Variant"], Any]] = None
     family: str = ""  # filled in by the registry
 
     def __post_init__(self) -> None:

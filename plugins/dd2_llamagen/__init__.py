@@ -47,6 +47,12 @@ def _load_official(variant, weight_paths, device):
     return load_official_variant(variant, weight_paths, device)
 
 
+def _skeleton(variant):
+    from .teacher import skeleton_teacher
+
+    return skeleton_teacher(variant)
+
+
 def _load_bundled(variant, weight_paths, device):
     from .teacher import load_bundled_variant
 
@@ -71,6 +77,7 @@ def official_variants() -> tuple[Variant, ...]:
             base_model="FoundationVision/LlamaGen",
             license="mit",
             options={"gpt_size": size, "image_size": image_size},
+            skeleton=_skeleton,
         ))
     return tuple(out)
 

@@ -490,6 +490,18 @@ def load_official_variant(variant, weight_paths: Mapping[str, Path], device: str
                                  adapter_beta=opts.get("adapter_beta"))
 
 
+def skeleton_teacher(variant) -> LlamaGenTeacher:
+    """`Variant.skeleton` of llamagen-{b,l,...}: the released architecture at its initial weights, no file read (the
+    memory plan builds it on the meta device)."""
+    opts = variant.options
+    cfg = GPTConfig.named(opts["gpt_size"], opts["image_size"])
+    gpt, vq = LlamaGenGPT(cfg), VQModel(VQConfig())
+    teacher = LlamaGenTeacher(gpt, vq, variant_name=variant.name, image_size=opts["image_size"])
+    # the continuous-input adapter is fitted to the weights; with none to fit, one of the same shape stands in
+    teacher.__dict__["_fitted"] = ContinuousInputAdapter(vq.cfg.codebook_embed_dim, cfg.dim, cfg.vocab_size)
+    return teacher
+
+
 def _config_from_json(meta: Mapping) -> tuple[GPTConfig, VQConfig, dict]:
     gpt_cfg = GPTConfig(**meta["gpt"])
     vq_cfg = VQConfig(**{**meta["vq"], "ch_mult": tuple(meta["vq"]["ch_mult"])})

@@ -64,6 +64,12 @@ _VAE_FILE = WeightFile(
 )
 
 
+def _skeleton(variant: Variant):
+    from .teacher import skeleton_teacher
+
+    return skeleton_teacher(variant)
+
+
 def _official(depth: int) -> Variant:
     size = 512 if depth == 36 else 256
     extra = ", shared AdaLN, unverified config" if depth == 36 else ""
@@ -82,6 +88,7 @@ def _official(depth: int) -> Variant:
         license="mit",
         distill_defaults=_distill_defaults(),
         options={"depth": depth, "stage1": STAGE1, "target": TARGET, "evaluation": EVALUATION},
+        skeleton=_skeleton,
     )
 
 

@@ -414,6 +414,16 @@ def load_variant(variant: Variant, weight_paths: Mapping[str, Path], device: str
     return teacher.to(device)
 
 
+def skeleton_teacher(variant: Variant) -> VarTeacher:
+    """`Variant.skeleton` of the official variants: the released architecture at its initial weights, no file read
+    (the memory plan builds it on the meta device)."""
+    opts = variant.options
+    var_cfg = var_config(int(opts["depth"]))
+    return VarTeacher(VAR(var_cfg), VQVAE(vae_config(var_cfg.patch_nums)), variant_name=variant.name,
+                      stage1=opts.get("stage1", SamplingSettings()), target=opts.get("target", SamplingSettings()),
+                      evaluation=opts.get("evaluation", SamplingSettings()))
+
+
 def new_teacher(var_cfg: VARConfig, vae_cfg: VQVAEConfig, *, seed: int = 0, variant_name: str = "var-random",
                 lively: bool = True, **settings: SamplingSettings) -> VarTeacher:
     """A randomly initialised teacher (tests, benchmarks, training from scratch).
