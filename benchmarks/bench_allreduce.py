@@ -7,7 +7,9 @@ flat buckets, large ones in place, every call in flight at once).
 Spawns `--procs` processes (gloo, loopback), builds the same list of gradient tensors on each (`--tensors`
 tensors holding `--params` million floats in all, sizes like a transformer's: many small norms and biases, a
 few large matrices), and times the ways side by side, alternating, median of `--repeats`; also checks they give
-the same averages bit for bit. Prints the ratios (> 1: faster than one blocking all-reduce per tensor).
+the same averages bit for bit. Prints the ratios (> 1: faster than one blocking all-reduce per tensor). Then a
+backward pass with its averaging, through torch's DistributedDataParallel and through dd2's way (plain backward,
+then `average_gradients`), side by side.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import statistics
 import tempfile
 import time
 from types import SimpleNamespace
+
+import torch
 
 
 def _tensors(params_m: float, count: int):
@@ -66,9 +70,47 @@ def _worker(rank: int, world: int, init_file: str, params_m: float, count: int, 
                 times[name].append(time.perf_counter() - t0)
             results[name] = [p.grad.clone() for p in params]
     same = all(torch.equal(a, b) for a, b in zip(results["per-tensor"], results["bucketed"]))
+    times.update(_backward_with_averaging(base, info, repeats))
     if rank == 0:
         queue.put({"times": times, "same": same})
     dist.destroy_process_group()
+
+
+class _Weights(torch.nn.Module):
+    """Parameters of the gradient set's sizes and a forward that uses each once (its backward is a fill)."""
+
+    def __init__(self, base) -> None:
+        super().__init__()
+        self.ps = torch.nn.ParameterList([torch.nn.Parameter(t.clone()) for t in base])
+
+    def forward(self):
+        return sum((p * 0.5).sum() for p in self.ps)
+
+
+def _backward_with_averaging(base, info, repeats: int) -> dict[str, list[float]]:
+    """A backward pass and the gradient averaging after it: torch's DistributedDataParallel (its buckets reduced
+    while the backward runs) against a plain backward followed by dd2's `average_gradients`."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from dd2cli.engine.distributed import average_gradients
+
+    plain, wrapped = _Weights(base), _Weights(base)
+    ddp = DistributedDataParallel(wrapped)
+    times = {"ddp": [], "dd2 backward": []}
+    for r in range(repeats + 1):
+        for name in ("ddp", "dd2 backward"):
+            module = ddp if name == "ddp" else plain
+            module.zero_grad(set_to_none=True)
+            dist.barrier()
+            t0 = time.perf_counter()
+            module().backward()
+            if name != "ddp":
+                average_gradients(plain.parameters(), info)
+            dist.barrier()
+            if r:
+                times[name].append(time.perf_counter() - t0)
+    return times
 
 
 def main() -> None:
@@ -98,6 +140,10 @@ def main() -> None:
     asy = statistics.median(out["times"]["async"])
     print(f"  per tensor, all in flight: {asy * 1e3:8.1f} ms   ratio {per / asy:.2f}x")
     print(f"  same averages bit for bit: {out['same']}")
+    ddp, ours = statistics.median(out["times"]["ddp"]), statistics.median(out["times"]["dd2 backward"])
+    print(f"  backward + averaging, DistributedDataParallel: {ddp * 1e3:8.1f} ms")
+    print(f"  backward + averaging, dd2:                     {ours * 1e3:8.1f} ms   ratio {ddp / ours:.2f}x "
+          f"(> 1: dd2 faster)")
 
 
 if __name__ == "__main__":

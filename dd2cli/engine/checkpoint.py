@@ -188,18 +188,36 @@ class Checkpoint:
             self._names = {k.split(".")[1] for k in self._metadata.state_dict_metadata if k.startswith("modules.")}
             self._extras = self.path / "rng.safetensors"
         else:
-            self.weights, _ = load_safetensors(self.path / "modules.safetensors")
-            self._names = {k.split(".", 1)[0] for k in self.weights}
+            self._names = {k.split(".", 1)[0] for k in _tensor_names(self.path / "modules.safetensors")}
             self._extras = self.path / "optim.safetensors"
             if not self._extras.is_file():
                 raise FileFormatError(f"{self.path} is not a complete dd2 checkpoint (optim.safetensors is missing).")
-        self._opt: dict[str, torch.Tensor] | None = None  # optimiser states and random streams, read when asked for
+        # the tensors are read when first asked for, and `release` lets them go once the networks hold them
+        self._weights: dict[str, torch.Tensor] | None = None
+        self._opt: dict[str, torch.Tensor] | None = None  # optimiser states and random streams
+
+    @property
+    def weights(self) -> dict[str, torch.Tensor]:
+        """Every module's tensors of a whole checkpoint (`modules.safetensors`, checked against its hash)."""
+        if self._weights is None:
+            self._weights, _ = load_safetensors(self.path / "modules.safetensors")
+        return self._weights
 
     @property
     def _opt_tensors(self) -> dict[str, torch.Tensor]:
         if self._opt is None:
             self._opt, _ = load_safetensors(self._extras)
         return self._opt
+
+    def verify(self) -> None:
+        """Read every part (a resume needs all of them whole); what is read stays for the restore that follows."""
+        if not self.sharded:
+            _ = self.weights
+        _ = self._opt_tensors
+
+    def release(self) -> None:
+        """Drop the tensors read so far (gigabytes at real size): the networks and optimisers hold copies now."""
+        self._weights, self._opt, self._full = None, None, {}
 
     @property
     def stage(self) -> int:
@@ -290,6 +308,19 @@ class Checkpoint:
         return {k[4:]: v for k, v in self._opt_tensors.items() if k.startswith("rng.")}
 
 
+def _tensor_names(path: Path) -> list[str]:
+    """The tensor names in a safetensors file's header (nothing else is read)."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise FileFormatError(f"{path.parent} is not a complete dd2 checkpoint ({path.name} is missing).")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as fh:
+            return list(fh.keys())
+    except Exception as exc:  # safetensors raises its own error types for a bad header
+        raise FileFormatError(f"{path} is not a readable safetensors file ({exc}).") from None
+
+
 def checkpoint_fingerprint(path: Path) -> str:
     """A cheap identity of a checkpoint's weights, whole or sharded (what `dd2 sample` and `dd2 export` record);
     nothing is loaded."""
@@ -348,7 +379,7 @@ def resume_checkpoint(run_dir: Path, on_message: Callable[[str], None] | None = 
     for path in [named, *older]:
         try:
             ckpt = Checkpoint(path)
-            ckpt.rng()  # (reads the optimiser file too: a resume needs every part whole)
+            ckpt.verify()
         except (DD2Error, OSError, KeyError, ValueError) as exc:
             if on_message is not None:
                 on_message(f"checkpoint {path.name} cannot be read ({exc}); trying the one before it")

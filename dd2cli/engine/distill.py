@@ -353,6 +353,7 @@ def _stage1(run: _Run, ckpt: Checkpoint | None) -> ARDiffusion:
         run.restore_optimizer(ckpt, "model", model, opt)
         run.restore_rng(ckpt.rng())
         start = ckpt.step
+        ckpt.release()
     if start >= s1.steps:
         # stage 1 switched off (steps = 0): record the untuned model as its result; a run written before the
         # mark went in with the checkpoint may also lack it
@@ -426,6 +427,7 @@ def _flow_init(run: _Run, ckpt: Checkpoint | None) -> None:
         run.restore_optimizer(ckpt, "generator", gen, opt)
         run.restore_rng(ckpt.rng())
         start = ckpt.step - offset
+        ckpt.release()
     if start >= fi.steps:
         return
     batch = run.per_rank(fi.batch_size)
@@ -471,18 +473,18 @@ def _init_from(run: _Run, psi0: ARDiffusion, how: str) -> ARDiffusion:
     return run.new_model()  # the teacher's backbone and a new head: no GTS tuning (ablation)
 
 
-def _stage2(run: _Run, start: list[ARDiffusion], ckpt: Checkpoint | None,
-            generator_init: Mapping[str, torch.Tensor] | None = None) -> tuple[Generator, int, Path | None]:
-    """CSD from `start` = [ψ₀], which is emptied: ψ₀ is released once the guidance network and the generator are
-    copied from it (stage 2 holds five networks already). `generator_init`: the generator's starting weights when
-    stage 1 ended with the flow-map phase."""
+def _stage2(run: _Run, start: dict[str, Any], ckpt: Checkpoint | None) -> tuple[Generator, int, Path | None]:
+    """CSD from `start` = {"psi0": ψ₀, "generator": the generator's starting weights when stage 1 ended with the
+    flow-map phase, else None}, which is emptied: both are released once the networks are built from them (stage 2
+    holds five networks already)."""
     s2 = run.settings.stage2
-    psi0 = start.pop()
+    psi0, generator_init = start.pop("psi0"), start.pop("generator")
     guidance = _init_from(run, psi0, s2.init_guidance)
     gen = Generator(_init_from(run, psi0, s2.init_generator)).eval()
     del psi0
     if generator_init is not None:
         gen.load_state_dict(generator_init)
+    del generator_init
     ema = copy.deepcopy(gen).requires_grad_(False)
     resuming = ckpt is not None and ckpt.stage == 2
     run.place(ckpt if resuming else None, {"generator": gen, "ema": ema, "guidance": guidance})
@@ -495,6 +497,7 @@ def _stage2(run: _Run, start: list[ARDiffusion], ckpt: Checkpoint | None,
         run.restore_optimizer(ckpt, "guidance", guidance, opt_psi)
         run.restore_rng(ckpt.rng())
         start, aligned = ckpt.step, bool(ckpt.state.get("aligned", False))
+        ckpt.release()
     batch = run.per_rank(s2.batch_size)
     timesteps = TimestepSpec(**to_dict(s2.timesteps))
     n, d = run.spec.num_tokens, run.spec.latent_dim
@@ -761,8 +764,9 @@ def _run(req: DistillRequest, run_dir: Path, info: dict, settings: DistillSettin
             psi0 = _stage1(r, ckpt)
             _flow_init(r, ckpt)
         final1 = final_stage1_checkpoint(run_dir)
+        resuming2 = ckpt is not None and ckpt.stage == 2  # (then the checkpoint holds the generator)
         generator_init = (final1.module_state("generator") if final1 is not None and final1.has_module("generator")
-                          else None)
+                          and not resuming2 else None)
         if r.sharded or (ckpt is not None and ckpt.stage == 2):  # stage 2 starts from plain (unsharded) weights
             if final1 is None:  # (a fresh model here would train half-tuned shards without a word)
                 raise DD2Error(f"Run {run_dir} has no finished stage 1 to start stage 2 from; "
@@ -774,10 +778,10 @@ def _run(req: DistillRequest, run_dir: Path, info: dict, settings: DistillSettin
             return result
         if req.stage == "2" and final1 is None:
             raise DD2Error(f"Run {run_dir} has no finished stage 1; run it first (--stage 1 or all).")
-        ckpt2 = ckpt if ckpt is not None and ckpt.stage == 2 else None
-        start = [psi0]
-        del psi0
-        result.generator, result.stage2_step, result.grid = _stage2(r, start, ckpt2, generator_init)
+        ckpt2 = ckpt if resuming2 else None
+        start = {"psi0": psi0, "generator": generator_init}
+        del psi0, generator_init, final1  # (`_stage2` lets them go once its networks are built)
+        result.generator, result.stage2_step, result.grid = _stage2(r, start, ckpt2)
         return result
     except KeyboardInterrupt:
         progress.stop()
