@@ -345,18 +345,49 @@ class _Trace:
         return net, other, backbone
 
 
-def _activations(fn: Callable[[int], Any], nets: list[nn.Module], backbones: list[nn.Module], params: set[int],
-                 models: list[ARDiffusion]) -> Activations:
-    """Per-sample saved bytes of `fn(batch)` (traced at batch 2 and halved), with and without checkpointing."""
-    counts = {}
-    for ckpt in (False, True):
-        for m in models:
-            m.checkpoint_backbone = ckpt
-        counts[ckpt] = _Trace(nets, backbones, params).run(lambda: fn(2))
-    for m in models:
-        m.checkpoint_backbone = False
-    (net, other, backbone), kept = counts[False], sum(counts[True][:2])
-    return Activations(network=net // 2, other=other // 2, backbone=backbone // 2, kept_with_checkpointing=kept // 2)
+class _FeaturesWithoutGrad(nn.Module):
+    """A backbone inside a trace: without gradients it saves nothing, so features of the right shape stand in for
+    its pass (the generator update reads the guidance network's features that way); with them, the real one."""
+
+    def __init__(self, backbone: nn.Module) -> None:
+        super().__init__()
+        self.inner = backbone
+
+    def forward(self, z_BNd: torch.Tensor, labels_B: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            return self.inner(z_BNd, labels_B)
+        return z_BNd.new_zeros(z_BNd.shape[0], z_BNd.shape[1], self.inner.feature_dim)
+
+
+def _activations(fn: Callable[[int], Any], models: list[ARDiffusion], params: set[int]) -> Activations:
+    """Per-sample saved bytes of `fn(batch)` (traced at batch 2 and halved). With activation checkpointing the
+    backbone keeps only its input (a few bytes per token), so what stays saved is the rest."""
+    nets = [m for net in models for m in (net.backbone, net.head)]  # (the modules the networks call)
+    trace = _Trace(nets, [net.backbone for net in models], params)
+    originals = [net.backbone for net in models]
+    for net in models:
+        net.backbone = _FeaturesWithoutGrad(net.backbone)
+    try:
+        net_bytes, other, backbone = trace.run(lambda: fn(2))
+    finally:
+        for net, backbone_module in zip(models, originals):
+            net.backbone = backbone_module
+    return Activations(network=net_bytes // 2, other=other // 2, backbone=backbone // 2,
+                       kept_with_checkpointing=(net_bytes + other - backbone) // 2)
+
+
+class _InitOnMeta(TorchDispatchMode):
+    """Building a skeleton on the meta device: in-place initialisers (normal_, uniform_, fill_, ...) change no shape,
+    so they return their tensor at once instead of running the meta device's slow reference code."""
+
+    _SHAPE_CHANGING = {"resize_", "resize_as_", "set_", "as_strided_", "squeeze_", "unsqueeze_", "transpose_", "t_"}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name.endswith("_") and name not in self._SHAPE_CHANGING and args and isinstance(args[0], torch.Tensor) \
+                and args[0].is_meta:
+            return args[0]
+        return func(*args, **(kwargs or {}))
 
 
 def _largest_unit(model: nn.Module) -> int:
@@ -375,7 +406,7 @@ def _build(variant: Variant, settings: DistillSettings, weights: Mapping[str, st
     """The teacher and a ψ-shaped network on the meta device (from the skeleton, or loaded and moved there)."""
     h = settings.head
     if variant.skeleton is not None:
-        with torch.device("meta"):
+        with torch.device("meta"), _InitOnMeta():
             teacher = variant.skeleton(variant)
             model = build_model(teacher.new_backbone(), teacher.spec.latent_dim, h.width, h.depth, h.mlp_ratio)
         return teacher, model
@@ -438,9 +469,8 @@ def memory_plan(variant: Variant, settings: DistillSettings, nproc: int | None =
                  target_settings=target, alpha=s2.alpha, timesteps=TimestepSpec(**to_dict(s2.timesteps)),
                  weighting=s2.weighting, draws=s2.generator_draws, **score)
 
-    def trace(fn, models):  # (the hooks sit on the modules the networks call: their backbones and heads)
-        return _activations(fn, [m for net in models for m in (net.backbone, net.head)],
-                            [net.backbone for net in models], params, [psi, guidance])
+    def trace(fn, models):
+        return _activations(fn, models, params)
 
     if s1.steps > 0:
         plan.stages.append(StagePlan("stage1", "stage 1 (GTS)", s1.batch_size,
