@@ -295,6 +295,31 @@ class Checkpoint:
             raise FileFormatError(f"Sharded checkpoint {self.path} cannot be read ({str(exc).splitlines()[0]}); "
                                   f"resume from an earlier one or start a new run.") from None
 
+    def optimizer_moments(self, name: str) -> list[dict[str, torch.Tensor]]:
+        """The optimiser's per-parameter tensors (Adam's step and moments), whole, in its parameters' order: the
+        same list for a whole and a sharded checkpoint of the same run (to compare them)."""
+        if not self.sharded:
+            state = self.optimizer_state(name)
+            order = [i for group in state["param_groups"] for i in group["params"]]
+            return [{k: v for k, v in state["state"][i].items() if torch.is_tensor(v)} for i in order
+                    if i in state["state"]]
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+        prefix = f"optim.{name}."
+        # each group's parameter names are one saved entry (`...param_groups.G.params`); placeholders are replaced
+        count = sum(1 for key in self._metadata.state_dict_metadata
+                    if key.startswith(prefix + "param_groups.") and key.endswith(".params"))
+        groups: dict[str, Any] = {"param_groups": [{"params": None} for _ in range(count)]}
+        self._read({"optim": {name: groups}}, collective=False, partial=True)
+        tensors: dict[str, dict[str, torch.Tensor]] = {}
+        for key, meta in self._metadata.state_dict_metadata.items():
+            if key.startswith(prefix + "state.") and isinstance(meta, TensorStorageMetadata):
+                fqn, field_name = key[len(prefix + "state."):].rsplit(".", 1)
+                tensors.setdefault(fqn, {})[field_name] = torch.empty(meta.size, dtype=meta.properties.dtype)
+        self._read({"optim": {name: {"state": tensors}}}, collective=False)
+        order = [fqn for group in groups["param_groups"] for fqn in group["params"]]
+        return [tensors[fqn] for fqn in order if fqn in tensors]
+
     def optimizer_state(self, name: str) -> dict:
         if self.sharded:
             raise FileFormatError(f"Checkpoint {self.path} is sharded; restore its optimisers with "
