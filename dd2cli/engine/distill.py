@@ -586,6 +586,7 @@ def _stage2(run: _Run, start: dict[str, Any], ckpt: Checkpoint | None) -> tuple[
         run.checkpoint(2, s2.steps, modules, optimizers, state())
     grid_path = run.grid(ema, "final") or grid_path
     if run.sharded:  # hand back plain tensors: the EMA as the final checkpoint holds it
+        del modules, optimizers, opt_g, opt_psi, gen, guidance, ema  # (their shards go before the whole EMA comes)
         ema = Generator(run.new_model()).eval().requires_grad_(False)
         latest_checkpoint(run.run_dir).load_module("ema", ema)
     return ema, s2.steps, grid_path
