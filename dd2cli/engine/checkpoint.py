@@ -95,11 +95,7 @@ def save_checkpoint(run_dir: Path, stage: int, step: int, modules: Mapping[str, 
         opt_tensors.update({f"rng.{k}": v for k, v in rng.items()})
         save_safetensors(tmp / "optim.safetensors", opt_tensors)
         write_json(tmp / "state.json", {"stage": stage, "step": step, "optimizers": opt_scalars, **state})
-        if final:
-            (tmp / FINAL_MARK).write_text("")
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
+        _put_in_place(tmp, dest, final)
     except OutputError as exc:  # name the checkpoint, not the temporary file inside it
         shutil.rmtree(tmp, ignore_errors=True)
         raise (write_failure(f"checkpoint {dest}", exc.os_error) if exc.os_error is not None else exc) from None
@@ -109,6 +105,15 @@ def save_checkpoint(run_dir: Path, stage: int, step: int, modules: Mapping[str, 
     write_json(run_dir / LATEST, {"stage": stage, "step": step, "path": f"{CKPT_DIR}/{name}"})
     _prune(root, keep, protect=dest)
     return dest
+
+
+def _put_in_place(tmp: Path, dest: Path, final: bool) -> None:
+    """The finished temporary folder becomes the checkpoint (its `final` mark inside it, so both appear at once)."""
+    if final:
+        (tmp / FINAL_MARK).write_text("")
+    if dest.exists():
+        shutil.rmtree(dest)
+    os.replace(tmp, dest)
 
 
 def save_sharded_checkpoint(run_dir: Path, stage: int, step: int, modules: Mapping[str, torch.nn.Module | Mapping],
@@ -147,11 +152,7 @@ def save_sharded_checkpoint(run_dir: Path, stage: int, step: int, modules: Mappi
     try:
         save_safetensors(tmp / "rng.safetensors", {f"rng.{k}": v for k, v in rng.items()})
         write_json(tmp / "state.json", {"stage": stage, "step": step, "format": SHARDED, **state})
-        if final:
-            (tmp / FINAL_MARK).write_text("")
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
+        _put_in_place(tmp, dest, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         sync()
