@@ -20,6 +20,7 @@ from .errors import (
     UnknownTeacherError,
 )
 from .files import (
+    cache_dir,
     check_state_dict,
     expected_shapes,
     fingerprint_file,
@@ -54,7 +55,7 @@ __all__ = [
     "UnknownTeacherError",
     # files: safetensors + JSON written atomically, foreign checkpoints read with weights_only=True
     "load_safetensors", "save_safetensors", "read_json", "write_json", "sha256_file", "fingerprint_file",
-    "load_foreign_checkpoint", "check_state_dict", "load_state_dict_strict",
+    "load_foreign_checkpoint", "check_state_dict", "load_state_dict_strict", "cache_dir",
     # checking a plugin's teacher against the contract; the digits of the CPU demo (train / held-out split)
     "check_teacher", "check_sampler", "expected_shapes", "load_digits_dataset", "load_digits_classifier",
     # using a bundle from Python

@@ -24,6 +24,14 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 _HASH_KEY = "dd2_sha256"
+#: where dd2 keeps what it can recompute (reference statistics, fitted adapters): `$DD2_CACHE_DIR`, else ~/.cache/dd2
+CACHE_ENV = "DD2_CACHE_DIR"
+
+
+def cache_dir() -> Path:
+    """`$DD2_CACHE_DIR`, else `~/.cache/dd2`, read from the environment now (not at import time)."""
+    env = os.environ.get(CACHE_ENV)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "dd2"
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
@@ -36,9 +44,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
         os.close(fd)
         write(Path(tmp))
+        # mkstemp makes 0600 (and a writer may replace the file): give the result the usual permissions
+        os.chmod(tmp, 0o666 & ~_umask())
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)

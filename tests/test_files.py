@@ -25,6 +25,19 @@ def test_safetensors_roundtrip_with_metadata(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
+def test_written_files_get_the_usual_permissions_not_mkstemps_private_ones(tmp_path):
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        save_safetensors(tmp_path / "w.safetensors", {"a": torch.zeros(2)})
+        write_json(tmp_path / "w.json", {"a": 1})
+    finally:
+        os.umask(umask)
+    for name in ("w.safetensors", "w.json"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name
+
+
 def test_safetensors_header_says_pt_and_keeps_dd2s_own_format_beside_it(tmp_path):
     from safetensors import safe_open
 

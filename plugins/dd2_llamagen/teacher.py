@@ -32,11 +32,13 @@ from dd2cli import (
     SamplingSettings,
     Teacher,
     TeacherSpec,
+    cache_dir,
     check_state_dict,
     fingerprint_file,
     load_foreign_checkpoint,
     load_safetensors,
     read_json,
+    save_safetensors,
     sha256_file,
 )
 
@@ -115,10 +117,12 @@ def choose_beta(code_Vd: Tensor, self_weight: float = 0.99, beta0: float = 8.0, 
     return beta
 
 
-def relative_fit_error(adapter: nn.Module, code_Vd: Tensor, emb_VC: Tensor) -> float:
-    """`‖adapter(C) − E‖_F / ‖E‖_F` over every codebook row."""
+def relative_fit_error(adapter: nn.Module, code_Vd: Tensor, emb_VC: Tensor, chunk: int = 4096) -> float:
+    """`‖adapter(C) − E‖_F / ‖E‖_F` over every codebook row (rows chunked: the hidden layer is V wide)."""
     with torch.no_grad():
-        return ((adapter(code_Vd) - emb_VC).norm() / emb_VC.norm().clamp_min(1e-12)).item()
+        sq = sum(((adapter(code_Vd[s : s + chunk]) - emb_VC[s : s + chunk]) ** 2).sum().item()
+                 for s in range(0, code_Vd.shape[0], chunk))
+        return sq**0.5 / max(emb_VC.norm().item(), 1e-12)
 
 
 @torch.no_grad()
@@ -152,6 +156,46 @@ def fit_input_adapter(code_Vd: Tensor, emb_VC: Tensor, beta: float | None = None
     adapter.beta = beta
     adapter.eval().requires_grad_(False)
     return adapter, relative_fit_error(adapter, code_Vd, emb_VC)
+
+
+#: part of the cache key: a change to `fit_input_adapter`'s algorithm bumps it, so no older fit is read back
+_ADAPTER_FIT_VERSION = 1
+
+
+def _adapter_cache_key(code_Vd: Tensor, emb_VC: Tensor, beta: float | None, steps: int) -> str:
+    h = hashlib.sha256(f"fit v{_ADAPTER_FIT_VERSION} beta={beta} steps={steps}".encode())
+    for t in (code_Vd, emb_VC):
+        t = t.detach().float().cpu().contiguous()
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.numpy())
+    return h.hexdigest()
+
+
+def cached_input_adapter(code_Vd: Tensor, emb_VC: Tensor, beta: float | None = None,
+                         steps: int = 50) -> ContinuousInputAdapter:
+    """`fit_input_adapter`, read back from dd2's cache folder when the same codebook and embeddings were fitted
+    before. The fit is deterministic but costs about a minute at V = 16384 on a CPU, and every process that builds
+    a backbone needs it (each torchrun rank, `dd2 sample --from`, `dd2 export`); the cached copy is keyed by a hash
+    of both tensors, `beta` and `steps`. `fit_error` and `beta` are set on the returned (frozen) adapter."""
+    key = _adapter_cache_key(code_Vd, emb_VC, beta, steps)
+    path = cache_dir() / "llamagen" / f"input-adapter-{key[:32]}.safetensors"
+    if path.is_file():
+        try:
+            state, meta = load_safetensors(path)
+            with torch.device("meta"):
+                adapter = ContinuousInputAdapter(code_Vd.shape[1], emb_VC.shape[1], code_Vd.shape[0])
+            adapter.load_state_dict(state, strict=True, assign=True)
+            adapter.beta, adapter.fit_error = float(meta["beta"]), float(meta["fit_error"])
+            return adapter.to(code_Vd.device).eval().requires_grad_(False)
+        except (DD2Error, KeyError, ValueError, RuntimeError):
+            pass  # a damaged or foreign entry: fitted again below, and replaced
+    adapter, err = fit_input_adapter(code_Vd, emb_VC, beta=beta, steps=steps)
+    adapter.fit_error = err
+    try:
+        save_safetensors(path, adapter.state_dict(), {"beta": adapter.beta, "fit_error": err, "key": key})
+    except DD2Error:
+        pass  # the cache only saves time: an unwritable cache folder costs the next process a refit, not a run
+    return adapter
 
 
 # ---- backbone ------------------------------------------------------------------------------------
@@ -371,10 +415,8 @@ class LlamaGenTeacher(Teacher):
         if self.input_adapter is not None:
             return self.input_adapter
         if self._fitted is None:
-            adapter, err = fit_input_adapter(self.codebook(), self.gpt.tok_embeddings.weight,
-                                             beta=self.adapter_beta, steps=self.adapter_fit_steps)
-            adapter.fit_error = err
-            self.__dict__["_fitted"] = adapter
+            self.__dict__["_fitted"] = cached_input_adapter(self.codebook(), self.gpt.tok_embeddings.weight,
+                                                            beta=self.adapter_beta, steps=self.adapter_fit_steps)
         if self._fitted.fc1.weight.device != self.device:  # the teacher was moved after fitting
             self._fitted.to(self.device)
         return self._fitted

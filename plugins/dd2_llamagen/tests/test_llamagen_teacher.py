@@ -5,8 +5,9 @@ import torch
 import torch.nn.functional as F
 
 from dd2_llamagen import digits_variant
+from dd2_llamagen import teacher as teacher_module
 from dd2_llamagen.gpt import GPTConfig, LlamaGenGPT
-from dd2_llamagen.teacher import ContinuousInputAdapter, LlamaGenBackbone, LlamaGenTeacher, fit_input_adapter
+from dd2_llamagen.teacher import ContinuousInputAdapter, LlamaGenBackbone, LlamaGenTeacher, cached_input_adapter, fit_input_adapter
 from dd2_llamagen.vq import VQConfig, VQModel
 from dd2cli import DD2Error, SamplingSettings, check_teacher
 
@@ -188,6 +189,33 @@ def test_adapter_fit_is_accurate_cached_and_deterministic(digits):
     again, err2 = fit_input_adapter(cb, emb)
     assert torch.equal(again.fc2.weight, adapter.fc2.weight) and err2 == err
     assert not any(p.requires_grad for p in adapter.parameters())
+
+
+def test_a_fitted_adapter_is_read_back_from_the_cache_folder_by_any_later_process(tmp_path, monkeypatch):
+    monkeypatch.setenv("DD2_CACHE_DIR", str(tmp_path))
+    g = torch.Generator().manual_seed(1)
+    cb, emb = torch.randn(96, 4, generator=g), torch.randn(96, 24, generator=g)
+    first = cached_input_adapter(cb, emb, steps=20)
+    entries = list((tmp_path / "llamagen").glob("input-adapter-*.safetensors"))
+    assert len(entries) == 1
+
+    def no_fit(*args, **kwargs):
+        raise AssertionError("fitted again although the cache holds this fit")
+
+    monkeypatch.setattr(teacher_module, "fit_input_adapter", no_fit)
+    again = cached_input_adapter(cb, emb, steps=20)
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), again.state_dict().values()))
+    assert (again.beta, again.fit_error) == (first.beta, first.fit_error) and not again.fc1.weight.requires_grad
+    # other embeddings, another beta or step count are another key: fitted, not read back
+    for args in ((cb, emb + 1e-3, None, 20), (cb, emb, 64.0, 20), (cb, emb, None, 21)):
+        with pytest.raises(AssertionError, match="fitted again"):
+            cached_input_adapter(*args)
+    monkeypatch.undo()
+    # a damaged entry is fitted again and replaced
+    monkeypatch.setenv("DD2_CACHE_DIR", str(tmp_path))
+    entries[0].write_bytes(entries[0].read_bytes()[:100])
+    fixed = cached_input_adapter(cb, emb, steps=20)
+    assert torch.equal(fixed.fc2.weight, first.fc2.weight) and entries[0].stat().st_size > 100
 
 
 def test_adapter_fit_refines_a_blunt_lookup_and_is_robust_near_the_codebook():
