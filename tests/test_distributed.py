@@ -54,6 +54,58 @@ def test_bucketed_in_flight_averaging_equals_one_all_reduce_per_tensor_bit_for_b
                                                                                         .manual_seed(101))) / 2)
 
 
+def _overlapped_vs_after(rank, world, init_file, out_dir):
+    import torch.distributed as dist
+
+    from dd2cli.engine.distributed import DistInfo, OverlappedAveraging, average_gradients_per_tensor
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    info = DistInfo(rank=rank, world_size=world, local_rank=rank)
+
+    def net():
+        torch.manual_seed(0)  # the same weights on every rank
+        m = torch.nn.ModuleDict({"a": torch.nn.Linear(6, 64), "b": torch.nn.Linear(64, 64), "c": torch.nn.Linear(64, 3),
+                                 "frozen": torch.nn.Linear(6, 6)})
+        m.frozen.requires_grad_(False)
+        m.half_w = torch.nn.Parameter(torch.randn(3, dtype=torch.bfloat16))
+        m.unused = torch.nn.Parameter(torch.zeros(5))
+        return m
+
+    def loss(m, x):
+        h = m.b(torch.tanh(m.a(m.frozen(x)))).relu()
+        return (m.c(h) * m.half_w.float()).pow(2).mean()
+
+    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(100 + rank))  # every rank its own batch
+    after, during = net(), net()
+    loss(after, x).backward()
+    average_gradients_per_tensor(after.parameters(), info)
+    averaging = OverlappedAveraging(during.parameters(), info, bucket_bytes=4096)
+    loss(during, x).backward()
+    started_in_backward = len(averaging.in_flight)
+    averaging.finish()
+    if rank == 0:
+        torch.save({"after": [p.grad for p in after.parameters()], "during": [p.grad for p in during.parameters()],
+                    "buckets": len(averaging.buckets), "started": started_in_backward}, os.path.join(out_dir, "results.pt"))
+    dist.destroy_process_group()
+
+
+def test_averaging_while_the_backward_runs_equals_averaging_after_it_bit_for_bit(tmp_path):
+    import torch.multiprocessing as mp
+
+    init = tempfile.mktemp(dir=tmp_path)
+    mp.start_processes(_overlapped_vs_after, args=(2, init, str(tmp_path)), nprocs=2, start_method="spawn")
+    out = torch.load(tmp_path / "results.pt", weights_only=True)
+    assert len(out["after"]) == len(out["during"]) == 10
+    for a, b in zip(out["after"], out["during"]):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert a.dtype == b.dtype and torch.equal(a, b)
+    # frozen weights and bias, and the parameter no loss reaches, got no gradient; the others were averaged
+    assert [g is None for g in out["during"]] == [False, True] + [False] * 6 + [True, True]  # own params first
+    assert out["buckets"] >= 3 and out["started"] >= 1  # several buckets, some on their way before backward ended
+
+
 def _env():
     env = {**os.environ, "DD2_LOAD_PLUGINS": "", "OMP_NUM_THREADS": "1"}
     env.pop("DD2_TEST_KILL_INSIDE", None)

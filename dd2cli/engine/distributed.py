@@ -1,14 +1,17 @@
 """Data parallelism under `torchrun` (gloo on CPU, NCCL on CUDA); a no-op in a single process.
 
-Gradients are averaged after each backward pass in flat buckets, every all-reduce in flight at once: what
+Gradients are averaged in flat buckets while each backward pass runs (`overlapped_averaging`): what
 DistributedDataParallel computes, written out so it works with the alternating optimisers and frozen networks
-of stage 2. Rank 0 writes every file, except the shards of an FSDP checkpoint.
+of stage 2 and with losses that call the networks' methods rather than their forward. Rank 0 writes every
+file, except the shards of an FSDP checkpoint.
 """
 
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -88,6 +91,94 @@ def average_gradients(params, info: DistInfo, bucket_bytes: int = BUCKET_BYTES) 
         for t in grads:
             t.copy_(flat[offset: offset + t.numel()].view_as(t))
             offset += t.numel()
+
+
+class OverlappedAveraging:
+    """Averages the gradients of `params` over the ranks while the backward pass that produces them runs, the way
+    DistributedDataParallel does, without wrapping the networks (the losses call their `features` / `velocity`
+    methods, which a DDP wrapper's forward would not see).
+
+    The parameters that require a gradient are grouped once into buckets of about `bucket_bytes` (one dtype and
+    device each; a tensor of a quarter of that or more alone), in reverse order: a backward pass produces the last
+    layers' gradients first. A hook on each parameter counts its bucket down as its gradient is accumulated; a
+    full bucket's all-reduce starts at once, while the backward goes on, and buckets start in the same order on
+    every rank (a full bucket waits for the ones before it). `finish()` starts what is left (parameters the graph
+    did not reach), waits, and writes the averages back. The sums are those of `average_gradients`, bit for bit.
+
+        with overlapped_averaging(model.parameters(), info):
+            loss.backward()
+    """
+
+    def __init__(self, params, info: DistInfo, bucket_bytes: int = BUCKET_BYTES) -> None:
+        self.info = info
+        self.buckets: list[list[torch.nn.Parameter]] = []
+        size = 0
+        for p in reversed([p for p in params if p.requires_grad]):
+            nbytes = p.numel() * p.element_size()
+            last = self.buckets[-1] if self.buckets else None
+            joins = (last is not None and nbytes * 4 < bucket_bytes and last[0].numel() * last[0].element_size() * 4
+                     < bucket_bytes and (last[0].dtype, last[0].device) == (p.dtype, p.device)
+                     and size + nbytes <= bucket_bytes)
+            if joins:
+                last.append(p)
+                size += nbytes
+            else:
+                self.buckets.append([p])
+                size = nbytes
+        self.bucket_of = {id(p): i for i, bucket in enumerate(self.buckets) for p in bucket}
+        self.waiting = [len(b) for b in self.buckets]
+        self.started = 0  # buckets 0 .. started-1 have their all-reduce in flight
+        self.in_flight: list[tuple[list[torch.Tensor], torch.Tensor, object]] = []
+        self.hooks = [p.register_post_accumulate_grad_hook(self._ready) for b in self.buckets for p in b]
+
+    def _ready(self, p: torch.nn.Parameter) -> None:
+        i = self.bucket_of[id(p)]
+        self.waiting[i] -= 1
+        while self.started < len(self.buckets) and self.waiting[self.started] <= 0:
+            self._start(self.started)
+
+    def _start(self, i: int) -> None:
+        self.started = i + 1
+        grads = [p.grad for p in self.buckets[i] if p.grad is not None]
+        if not grads:  # (every rank ran the same graph: the same buckets are empty everywhere)
+            return
+        flat = grads[0] if len(grads) == 1 else torch.cat([g.reshape(-1) for g in grads])
+        self.in_flight.append((grads, flat, dist.all_reduce(flat, op=dist.ReduceOp.SUM, async_op=True)))
+
+    def finish(self) -> None:
+        self.remove()
+        while self.started < len(self.buckets):
+            self._start(self.started)
+        for grads, flat, work in self.in_flight:
+            work.wait()
+            flat.div_(self.info.world_size)
+            if len(grads) > 1:
+                offset = 0
+                for g in grads:
+                    g.copy_(flat[offset: offset + g.numel()].view_as(g))
+                    offset += g.numel()
+        self.in_flight = []
+
+    def remove(self) -> None:
+        for h in self.hooks:
+            h.remove()
+        self.hooks = []
+
+
+@contextmanager
+def overlapped_averaging(params, info: DistInfo, bucket_bytes: int = BUCKET_BYTES) -> Iterator[None]:
+    """Run a backward pass inside: its gradients of `params` are averaged over the ranks on exit (a no-op in one
+    process). See `OverlappedAveraging`."""
+    if not info.enabled:
+        yield
+        return
+    averaging = OverlappedAveraging(params, info, bucket_bytes)
+    try:
+        yield
+    except BaseException:
+        averaging.remove()  # (the other ranks fail at their next collective; nothing to average)
+        raise
+    averaging.finish()
 
 
 def average_gradients_per_tensor(params, info: DistInfo) -> None:
