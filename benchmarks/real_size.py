@@ -488,7 +488,8 @@ def run_teacher(r: Runner, teacher: str, smallest: bool, keep: bool, eval_files:
                                                   "--batch-size", "8", "--threads", str(worker_threads)),
            threads=worker_omp, check=_sample_set(shards, SAMPLE_COUNT))
     two = root / "samples-k2"
-    r.step(teacher, "sample --steps 2", [*r.dd2, "sample", "--from", str(main), "--steps", "2", "-n", "2",
+    # (--block-size n: a block draws all its tokens whatever n is; the default 64 costs minutes at this size on CPU)
+    r.step(teacher, "sample --steps 2", [*r.dd2, "sample", "--from", str(main), "--steps", "2", "-n", "2", "--block-size", "2",
                                          "--out", str(two), "--device", "cpu", "--threads", str(threads)],
            check=_sample_set(two, 2))
     _teacher_sample(r, teacher, weights, root, threads)
@@ -520,7 +521,7 @@ def run_teacher(r: Runner, teacher: str, smallest: bool, keep: bool, eval_files:
 def _teacher_sample(r: Runner, teacher: str, weights: list[str], root: Path, threads: int) -> None:
     out = root / "samples-teacher"
     n = 1 if teacher.startswith("llamagen") else 2  # LlamaGen draws 256 tokens one by one
-    r.step(teacher, "sample --teacher", [*r.dd2, "sample", "--teacher", teacher, *weights, "-n", str(n),
+    r.step(teacher, "sample --teacher", [*r.dd2, "sample", "--teacher", teacher, *weights, "-n", str(n), "--block-size", str(n),
                                          "--out", str(out), "--device", "cpu", "--threads", str(threads)],
            check=_sample_set(out, n))
 

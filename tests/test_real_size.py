@@ -73,7 +73,7 @@ def test_bad_input_is_one_sentence(tmp_path):
 
 @pytest.mark.slow
 def test_smallest_real_size_path_passes_every_step(tmp_path):
-    """Every step of the user's path at llamagen-b's real shapes (about 10 min on 2 cores)."""
+    """Every step of the user's path at llamagen-b's real shapes (about 16 min on 2 idle cores)."""
     out = tmp_path / "real_size.json"
     res = subprocess.run([sys.executable, str(SCRIPT), "--smallest", "--json-out", str(out)], capture_output=True,
                          text=True)

@@ -169,6 +169,21 @@ def test_teacher_sampling_is_deterministic_across_batch_sizes_and_n(synthetic_pl
     assert json.loads((tmp_path / "d" / "manifest.json").read_text())["settings"]["sampling"]["top_k"] == 0
 
 
+def test_a_block_draws_all_its_tokens_but_decodes_only_the_images_asked_for(synthetic_plugin, tmp_path, monkeypatch):
+    from synthetic import SyntheticTeacher
+
+    decoded = []
+    decode = SyntheticTeacher.decode
+    monkeypatch.setattr(SyntheticTeacher, "decode", lambda self, x, *a, **k: decoded.append(len(x)) or decode(self, x))
+    _sample("--teacher", "synthetic-corr", "--block-size", 8, "-n", 10, "--out", tmp_path / "a")
+    assert sum(decoded) == 10  # blocks of 8 and 2, not 16
+    decoded.clear()
+    _sample("--teacher", "synthetic-corr", "--block-size", 8, "-n", 3, "--out", tmp_path / "b")
+    assert sum(decoded) == 3
+    a = _pngs(tmp_path / "a")
+    assert _pngs(tmp_path / "b") == {k: v for k, v in a.items() if int(k[:6]) < 3}
+
+
 def test_teacher_blocks_match_the_teachers_own_sampler(synthetic_plugin, tmp_path):
     """Block b of a teacher sample set is `teacher.sample(labels, settings, generator seeded (seed, b))`."""
     _sample("--teacher", "synthetic-corr", "-n", 5, "--block-size", 5, "--seed", 7, "--out", tmp_path / "a")

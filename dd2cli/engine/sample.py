@@ -454,11 +454,11 @@ def _write_set(req: SampleRequest, src: _Source, mode: str, k: int, schedule: La
                     wanted = [i for i in block if i in todo_set]
                     if not wanted:
                         continue
-                    images, tokens = _block_images(src, mode, k, block, schedule, sampling, req, device, b)
                     rows = [i - b * unit for i in wanted]
+                    images, tokens = _block_images(src, mode, k, block, rows, schedule, sampling, req, device, b)
                     if keep_ids:  # before the images: an image on disk always has its ids
-                        write_ids_part(out, wanted, tokens[rows])
-                    writer.write(wanted, images[rows])
+                        write_ids_part(out, wanted, tokens)
+                    writer.write(wanted, images)
                     progress.advance(len(wanted))
             else:
                 for chunk in chunks(todo, req.batch_size):
@@ -533,9 +533,11 @@ _IDS_SOURCE = {"one-step": "nearest codebook entry of each generated latent", "k
                "teacher": "sampled token ids", "set-prediction": "sampled token ids"}
 
 
-def _block_images(src: _Source, mode: str, k: int, block: list[int], schedule: LabelSchedule, sampling,
-                  req: SampleRequest, device: str, b: int) -> tuple[Tensor, Tensor]:
-    """Images and token ids of one whole block, drawn with the block's own generator (teacher or k-step)."""
+def _block_images(src: _Source, mode: str, k: int, block: list[int], rows: list[int], schedule: LabelSchedule,
+                  sampling, req: SampleRequest, device: str, b: int) -> tuple[Tensor, Tensor]:
+    """Images and token ids of the `rows` of one block. The tokens of the whole block are drawn with the block's
+    own generator (teacher or k-step), so a sample does not depend on how many were asked for; only the rows kept
+    are decoded (at 256 px a CPU decodes a few images a second at best)."""
     spec = src.spec
     labels = schedule(block).to(device)
     g = torch.Generator(device=device).manual_seed(index_seed(req.seed, "block", b))
@@ -551,5 +553,6 @@ def _block_images(src: _Source, mode: str, k: int, block: list[int], schedule: L
         # 2. the teacher re-samples the last k−1 AR steps given the earlier ones (paper Alg. 4)
         tokens = src.teacher.sample(labels, sampling, prefix_BN=prefix, start_step=spec.num_steps - (k - 1),
                                     generator=g)
-    images = torch.cat([src.teacher.decode(tokens[s:s + req.batch_size]) for s in range(0, len(block), req.batch_size)])
+    tokens = tokens[rows]
+    images = torch.cat([src.teacher.decode(tokens[s:s + req.batch_size]) for s in range(0, len(rows), req.batch_size)])
     return images, tokens
