@@ -283,8 +283,11 @@ def test_ctrl_c_prints_one_line_exits_130_and_resume_continues(tmp_path):
     args = ["distill", "--teacher", "synthetic-corr", "--device", "cpu", "--set", "stage1.steps=100000",
             "--set", "stage1.batch_size=4", "--set", "head.width=16", "--set", "head.depth=1",
             "--set", "run.checkpoint_every=2", "--set", "stage1.head_only_steps=0"]
+    # (Ctrl-C acts by default in the run, even where this test process was started with it ignored, as a shell
+    # starts background jobs)
     p = subprocess.Popen([sys.executable, DRIVER, "--quiet", *args, "--out", str(run_dir)], env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 300
     while time.time() < deadline and not (run_dir / "latest.json").exists():
         time.sleep(0.05)
@@ -309,6 +312,37 @@ def test_ctrl_c_prints_one_line_exits_130_and_resume_continues(tmp_path):
     stage1 = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
               if json.loads(line)["stage"] == 1]
     assert stage1[-1] == steps and stage1 == sorted(set(stage1))
+
+
+def test_a_ctrl_c_that_something_swallowed_still_stops_the_run_at_its_next_step(synthetic_plugin, tmp_path,
+                                                                                monkeypatch):
+    import dd2cli.engine.distill as engine
+
+    calls = []
+    gts = engine.gts_loss
+
+    def gts_then_ctrl_c_lost_in_a_finalizer(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            try:  # what Python does to an exception raised while a finalizer runs: it is printed and dropped
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(1)
+            except KeyboardInterrupt:
+                pass
+        return gts(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "gts_loss", gts_then_ctrl_c_lost_in_a_finalizer)
+    # (a shell starts background jobs with Ctrl-C ignored, and so would this test process be: Python's own handler)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        res = runner.invoke(app, ["distill", "--teacher", "synthetic-corr", "--out", str(tmp_path / "run"), *TINY,
+                                  "--set", "stage1.steps=50"])
+        after = signal.getsignal(signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert res.exit_code == 130, res.output
+    assert "Interrupted at stage 1 (GTS) step 3" in plain(res.output) and len(calls) == 3
+    assert after is signal.default_int_handler  # the run put the handler back as it was
 
 
 @pytest.mark.slow

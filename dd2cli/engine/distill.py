@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,13 +45,13 @@ from .checkpoint import (
 )
 from .distributed import (
     DistInfo,
-    average_gradients,
     average_scalar,
     barrier,
     broadcast_module,
     cleanup,
     clip_sharded_gradients,
     init_from_env,
+    overlapped_averaging,
     reshard,
     shard_model,
 )
@@ -99,6 +101,7 @@ class _Run:
         self.gen_data = torch.Generator(device=device).manual_seed(seed)
         self.gen_train = torch.Generator(device=device).manual_seed(seed + 1)
         self.stage_name, self.step = "start-up", 0
+        self.interrupted = threading.Event()
 
     # -- where the run is (for progress, and for the line printed on Ctrl-C) --
     def start(self, stage: str, total: int, done: int) -> None:
@@ -108,6 +111,8 @@ class _Run:
     def update(self, step: int, metrics: Mapping[str, float]) -> None:
         self.step = step
         self.progress.update(step, metrics)
+        if self.interrupted.is_set():  # a Ctrl-C whose KeyboardInterrupt something swallowed (see _latch_ctrl_c)
+            raise KeyboardInterrupt
 
     # -- helpers --
     def autocast(self):
@@ -239,9 +244,11 @@ class _Run:
         if self.sharded:
             reshard(*modules)
 
-    def reduce_gradients(self, params) -> None:
-        if not self.sharded:  # FSDP reduce-scatters (averages) gradients in its backward hooks
-            average_gradients(params, self.dist)
+    def averaged(self, params):
+        """A context for one backward pass: the gradients of `params` are averaged over the ranks as it runs."""
+        if self.sharded:  # FSDP reduce-scatters (averages) gradients in its own backward hooks
+            return contextlib.nullcontext()
+        return overlapped_averaging(params, self.dist)
 
 
 def _lr_at(step: int, base: float, warmup: int, start: float = 1e-6, decay: str = "none", total: int = 0,
@@ -383,11 +390,11 @@ def _stage1(run: _Run, ckpt: Checkpoint | None) -> ARDiffusion:
                             support=run.settings.score.support)
         # 3. update
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        with run.averaged(model.parameters()):
+            loss.backward()
         if run.sharded and not backbone_trains:
             for p in backbone_params:  # frozen as above: Adam skips parameters without a gradient
                 p.grad = None
-        run.reduce_gradients(model.parameters())
         grad_norm = _clip(model.parameters(), s1.grad_clip)
         opt.step()
         loss_value = average_scalar(loss.item(), run.dist)
@@ -444,8 +451,8 @@ def _flow_init(run: _Run, ckpt: Checkpoint | None) -> None:
             loss, agree = flow_map_loss(gen, run.teacher, eps, labels, settings=run.target,
                                         euler_steps=fi.euler_steps, **score_kw)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        run.reduce_gradients(gen.parameters())
+        with run.averaged(gen.parameters()):
+            loss.backward()
         grad_norm = _clip(gen.parameters(), fi.grad_clip)
         opt.step()
         loss_value = average_scalar(loss.item(), run.dist)
@@ -517,8 +524,8 @@ def _stage2(run: _Run, start: dict[str, Any], ckpt: Checkpoint | None) -> tuple[
             loss = fcs_loss(guidance, q, labels, draws=s2.guidance_draws, timesteps=timesteps, generator=run.gen_train,
                             position_weights_N=position_w)
         opt_psi.zero_grad(set_to_none=True)
-        loss.backward()
-        run.reduce_gradients(guidance.parameters())
+        with run.averaged(guidance.parameters()):
+            loss.backward()
         _clip(guidance.parameters(), s2.grad_clip)
         opt_psi.step()
         return average_scalar(loss.item(), run.dist)
@@ -557,12 +564,12 @@ def _stage2(run: _Run, start: dict[str, Any], ckpt: Checkpoint | None) -> tuple[
                            timesteps=timesteps, weighting=s2.weighting, draws=s2.generator_draws, generator=run.gen_train,
                            position_weights_N=position_w, **score_kw)
         opt_g.zero_grad(set_to_none=True)
-        out.loss.backward()
+        with run.averaged(gen.parameters()):
+            out.loss.backward()
         if run.sharded:  # the frozen guidance received gradients; drop them (Adam never sees them)
             opt_psi.zero_grad(set_to_none=True)
         else:
             guidance.requires_grad_(True)
-        run.reduce_gradients(gen.parameters())
         grad_norm = _clip(gen.parameters(), s2.grad_clip)
         opt_g.step()
         # 3. progressive EMA
@@ -732,6 +739,7 @@ def _run(req: DistillRequest, run_dir: Path, info: dict, settings: DistillSettin
         device = f"cuda:{dist.local_rank}"
         torch.cuda.set_device(device)
     r = None
+    interrupted, restore_sigint = _latch_ctrl_c()
     try:
         variant = get_variant(info["teacher"])
         teacher = variant.load(info.get("weights") or None, device=device).eval().requires_grad_(False)
@@ -745,6 +753,7 @@ def _run(req: DistillRequest, run_dir: Path, info: dict, settings: DistillSettin
         if on_ready is not None:
             on_ready(run_dir, info)
         r = _Run(run_dir, settings, teacher, variant.name, dist, device, progress)
+        r.interrupted = interrupted
         if settings.parallel == "fsdp" and not dist.enabled:
             progress.message("parallel = fsdp shards over the processes of torchrun; this single process trains "
                              "unsharded")
@@ -788,7 +797,27 @@ def _run(req: DistillRequest, run_dir: Path, info: dict, settings: DistillSettin
         progress.stop()
         raise _interrupted(run_dir, r) from None
     finally:
+        restore_sigint()
         cleanup(dist)
+
+
+def _latch_ctrl_c() -> tuple[threading.Event, Callable[[], None]]:
+    """Ctrl-C raises KeyboardInterrupt as usual and is also remembered: Python drops an exception raised while a
+    finalizer runs ("Exception ignored in ..."), and the training loop then stops at its next step instead of
+    going on. Returns the flag and what restores the previous handler (a no-op off the main thread)."""
+    flag = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        return flag, lambda: None
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is not signal.default_int_handler:  # someone else handles Ctrl-C here: leave it to them
+        return flag, lambda: None
+
+    def on_ctrl_c(signum, frame):
+        flag.set()
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, on_ctrl_c)
+    return flag, lambda: signal.signal(signal.SIGINT, previous)
 
 
 def _interrupted(run_dir: Path, r: _Run | None) -> Interrupted:
