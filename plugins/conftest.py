@@ -11,7 +11,7 @@ os.environ["DD2_LOAD_PLUGINS"] = ""
 # Never the Hugging Face hub, never the user's hub cache: official files are only ever found or reported missing.
 os.environ["DD2_OFFLINE"] = "1"
 os.environ["HF_HUB_CACHE"] = os.path.join(tempfile.mkdtemp(prefix="dd2-tests-hub-"), "hub")
-# What dd2 caches (fitted adapters, reference statistics) goes to a folder of this test session, not the user's.
+# What dd2 caches (fitted adapters, reference statistics) goes to a temporary folder, never the user's.
 os.environ["DD2_CACHE_DIR"] = tempfile.mkdtemp(prefix="dd2-tests-cache-")
 
 import pytest  # noqa: E402

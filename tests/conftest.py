@@ -11,7 +11,7 @@ os.environ["DD2_LOAD_PLUGINS"] = ""
 # user's hub cache.
 os.environ["DD2_OFFLINE"] = "1"
 os.environ["HF_HUB_CACHE"] = os.path.join(tempfile.mkdtemp(prefix="dd2-tests-hub-"), "hub")
-# What dd2 caches (reference statistics, fitted adapters) goes to a folder of this test session, not the user's.
+# What dd2 caches (reference statistics, fitted adapters) goes to a temporary folder, never the user's.
 os.environ["DD2_CACHE_DIR"] = tempfile.mkdtemp(prefix="dd2-tests-cache-")
 sys.path.insert(0, str(Path(__file__).parent))
 

@@ -86,11 +86,16 @@ def average_gradients(params, info: DistInfo, bucket_bytes: int = BUCKET_BYTES) 
     for t in alone:
         t.div_(info.world_size)
     for grads, flat in flats:
-        flat.div_(info.world_size)
-        offset = 0
-        for t in grads:
-            t.copy_(flat[offset: offset + t.numel()].view_as(t))
-            offset += t.numel()
+        _average_back(grads, flat, info.world_size)
+
+
+def _average_back(grads: list[torch.Tensor], flat: torch.Tensor, world_size: int) -> None:
+    """Divide an all-reduced flat bucket by the world size and copy each gradient's slice back into it."""
+    flat.div_(world_size)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset: offset + g.numel()].view_as(g))
+        offset += g.numel()
 
 
 class OverlappedAveraging:
@@ -151,12 +156,10 @@ class OverlappedAveraging:
             self._start(self.started)
         for grads, flat, work in self.in_flight:
             work.wait()
-            flat.div_(self.info.world_size)
             if len(grads) > 1:
-                offset = 0
-                for g in grads:
-                    g.copy_(flat[offset: offset + g.numel()].view_as(g))
-                    offset += g.numel()
+                _average_back(grads, flat, self.info.world_size)
+            else:  # (reduced in place)
+                flat.div_(self.info.world_size)
         self.in_flight = []
 
     def remove(self) -> None:

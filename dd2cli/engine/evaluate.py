@@ -19,18 +19,11 @@ import numpy as np
 import torch
 
 from ..errors import DD2Error
-from ..files import fingerprint_file, load_safetensors, read_json, save_safetensors, write_json
+from ..files import cache_dir, fingerprint_file, load_safetensors, read_json, save_safetensors, write_json
 from ..plugins import registry
 from ..version import __version__
 from .adm_npz import ADM_REFERENCES, _npz_keys, _NpzMember, adm_reference
-from .features import (
-    DigitsExtractor,
-    InceptionExtractor,
-    default_cache_dir,
-    digits_reference_images,
-    digits_reference_resolution,
-    extract_features,
-)
+from .features import DigitsExtractor, InceptionExtractor, digits_reference_images, digits_reference_resolution, extract_features
 from .metrics import feature_stats, frechet_distance, inception_score, kernel_inception_distance, precision_recall
 from .progress import Progress
 from .runs import find_latest_sample_set
@@ -72,7 +65,7 @@ def open_reference(path: Optional[str | os.PathLike], space: str, samples: Image
                        "VIRTUAL_imagenet256_labeled.npz) or a folder of real images.")
     path = Path(path)
     if str(path) in ADM_REFERENCES and not path.exists():  # a name: the ADM batch, downloaded into the cache once
-        path = adm_reference(str(path), default_cache_dir() / "refs")
+        path = adm_reference(str(path), cache_dir() / "refs")
     if not path.exists():
         raise DD2Error(f"The reference {path} does not exist; pass an ADM reference .npz, a folder of images, or "
                        f"the name of an ADM reference batch ({', '.join(ADM_REFERENCES)}).")
@@ -111,7 +104,7 @@ def _reference_features(ref: Reference, extractor, batch_size: int, progress: Pr
     if ref.images is None:
         what = "images (arr_0) for precision/recall or KID" if need_pool_features else "the statistics it needs"
         raise DD2Error(f"The reference {ref.name} has no {what}; pass a reference with images.")
-    cache = default_cache_dir() / "eval" / f"ref-{extractor.key}-{ref.key}.safetensors"
+    cache = cache_dir() / "eval" / f"ref-{extractor.key}-{ref.key}.safetensors"
     if cache.is_file():
         try:
             tensors, _ = load_safetensors(cache)

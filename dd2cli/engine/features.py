@@ -22,7 +22,7 @@ from torch import Tensor
 from ..digits import CLASSIFIER_PATH, CLASSIFIER_RESOLUTION, load_digits_classifier, load_digits_dataset
 from ..downloads import download_timeout, is_offline
 from ..errors import DD2Error, DownloadError
-from ..files import cache_dir, check_state_dict, fingerprint_file, load_foreign_checkpoint
+from ..files import check_state_dict, fingerprint_file, load_foreign_checkpoint
 from ..images import to_uint8
 from .progress import Progress
 from .sample_sets import ImageSet, memory_images
@@ -33,11 +33,6 @@ INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.
                  "weights-inception-2015-12-05-6726825d.pth")
 #: Environment variable naming another address of the Inception file (a mirror; tests serve it on loopback)
 INCEPTION_URL_ENV = "DD2_INCEPTION_URL"
-
-
-def default_cache_dir() -> Path:
-    """`$DD2_CACHE_DIR`, else `~/.cache/dd2` (reference statistics and features)."""
-    return cache_dir()
 
 
 def inception_url() -> str:

@@ -163,12 +163,8 @@ _ADAPTER_FIT_VERSION = 1
 
 
 def _adapter_cache_key(code_Vd: Tensor, emb_VC: Tensor, beta: float | None, steps: int) -> str:
-    h = hashlib.sha256(f"fit v{_ADAPTER_FIT_VERSION} beta={beta} steps={steps}".encode())
-    for t in (code_Vd, emb_VC):
-        t = t.detach().float().cpu().contiguous()
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.numpy())
-    return h.hexdigest()
+    weights = _tensor_fingerprint({"codebook": code_Vd, "embeddings": emb_VC})
+    return hashlib.sha256(f"fit v{_ADAPTER_FIT_VERSION} beta={beta} steps={steps} {weights}".encode()).hexdigest()
 
 
 def cached_input_adapter(code_Vd: Tensor, emb_VC: Tensor, beta: float | None = None,
