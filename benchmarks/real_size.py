@@ -340,6 +340,8 @@ def distill_settings(teacher: str) -> tuple[list[str], str]:
         "stage2.steps": 1, "stage2.batch_size": 2, "stage2.guidance_updates": 2,
         "stage2.warmup_steps": 1, "run.checkpoint_every": 1, "run.keep_checkpoints": 1, "run.log_every": 1,
         "run.sample_every": 0, "run.grid_per_class": 1, "run.eval_samples": 0,
+        # one image in each run's final grid: a 256 px decode takes seconds on a CPU core, the grid's path is the same
+        "run.grid_classes": 1,
     }
     if teacher.startswith("var"):
         # stage 1 starts with the head alone (VAR's recipe), then trains the backbone too; the flow-map phase costs
@@ -402,7 +404,8 @@ def _files(*paths: Path) -> Callable[[], str]:
     return check
 
 
-def run_teacher(r: Runner, teacher: str, smallest: bool, keep: bool, eval_files: tuple[Path, Path] | None) -> None:
+def run_teacher(r: Runner, teacher: str, smallest: bool, keep: bool, eval_files: tuple[Path, Path] | None,
+                skip: frozenset[str] = frozenset()) -> None:
     root = r.work / teacher
     weights_dir = root / "weights"
     me = [sys.executable, str(Path(__file__).resolve())]
@@ -465,7 +468,9 @@ def run_teacher(r: Runner, teacher: str, smallest: bool, keep: bool, eval_files:
         argv = r.ranks(2, *distill(run, "--set", f"parallel={mode}", nthreads=worker_threads))
         name = f"distill torchrun x2 {mode}"
         avail = mem_available()
-        if mode == "ddp" and single_peak is not None and 2 * single_peak > avail - MEMORY_FLOOR:
+        if mode in skip:
+            r.not_run(teacher, name, "skipped", f"--skip {mode}", argv)
+        elif mode == "ddp" and single_peak is not None and 2 * single_peak > avail - MEMORY_FLOOR:
             # every ddp worker holds what the single process held: decided from that measured peak
             r.not_run(teacher, name, "does not fit", f"2 x {single_peak / GiB:.1f} GiB (the single process's peak) > "
                       f"{(avail - MEMORY_FLOOR) / GiB:.1f} GiB (MemAvailable less a {MEMORY_FLOOR / GiB:.1f} GiB "
@@ -557,7 +562,10 @@ def print_table(rows: list[Row]) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--teachers", default=",".join(TEACHERS), help=f"comma list of {', '.join(TEACHERS)}")
-    ap.add_argument("--smallest", action="store_true", help="llamagen-b only, the fewest updates (CI's slow test)")
+    ap.add_argument("--smallest", action="store_true", help="the fewest updates: no uninterrupted distill, the killed "
+                    "and resumed run stands for it; llamagen-b only unless --teachers is given (CI's slow test)")
+    ap.add_argument("--skip", default="", help="comma list of torchrun distill modes (ddp, fsdp) not to run, e.g. "
+                    "where their peaks are already known not to fit this machine; their rows say 'skipped'")
     ap.add_argument("--work", type=Path, help="folder for weights, runs, samples and logs, kept (default: a "
                     "temporary folder, removed at the end)")
     ap.add_argument("--threads", type=int, default=-1, help="torch threads of a single process, each of 2 torchrun "
@@ -579,7 +587,12 @@ def main(argv: list[str] | None = None) -> int:
         load_bundle(args.load_bundle)
         return 0
 
-    teachers = ["llamagen-b"] if args.smallest else [t.strip() for t in args.teachers.split(",") if t.strip()]
+    given = any(a == "--teachers" or a.startswith("--teachers=") for a in (argv if argv is not None else sys.argv[1:]))
+    teachers = ["llamagen-b"] if args.smallest and not given else [t.strip() for t in args.teachers.split(",")
+                                                                    if t.strip()]
+    skip = frozenset(m.strip() for m in args.skip.split(",") if m.strip())
+    if skip - {"ddp", "fsdp"}:
+        ap.error(f"--skip takes a comma list of ddp, fsdp; got '{args.skip}'.")
     unknown = [t for t in teachers if t not in TEACHERS]
     if unknown or not teachers:
         ap.error(f"--teachers takes a comma list of {', '.join(TEACHERS)}; got '{args.teachers}'.")
@@ -608,7 +621,7 @@ def main(argv: list[str] | None = None) -> int:
                      check=_files(eval_dir / INCEPTION_FILE, eval_dir / "reference_256.npz"))
         eval_files = (eval_dir / INCEPTION_FILE, eval_dir / "reference_256.npz") if row.status == "ok" else None
         for teacher in teachers:
-            run_teacher(r, teacher, args.smallest, keep, eval_files)
+            run_teacher(r, teacher, args.smallest, keep, eval_files, skip)
     finally:
         if not keep:
             shutil.rmtree(work, ignore_errors=True)

@@ -25,6 +25,9 @@ class State:
     """Global options (set by the `dd2` callback before any command runs)."""
 
     quiet = False
+    #: set by a command that wrote nothing and holds nothing open (the dry run): `main` then ends the process
+    #: without the interpreter's teardown
+    skip_teardown = False
 
 
 state = State()

@@ -75,6 +75,7 @@ def distill(
         plan = memory_plan(get_variant(prepared.info["teacher"]), prepared.settings, nproc=nproc,
                            gpu_memory=gpu_memory, weights=req.weights)
         print_plan(plan)
+        state.skip_teardown = True
         return
     progress = progress_for(state.quiet)
 

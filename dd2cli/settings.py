@@ -136,6 +136,7 @@ class RunSettings:
     log_every: int = setting(10, "append metrics every N steps")
     keep_checkpoints: int = setting(2, "checkpoints kept per stage (the end of stage 1 is always kept)")
     grid_per_class: int = setting(8, "samples per class row in grids")
+    grid_classes: int = setting(10, "class rows in grids: the first N classes (fewer if the teacher has fewer)")
     eval_samples: int = setting(0, "> 0: at the end, report digits metrics on this many samples (digits teachers)")
 
 
@@ -170,7 +171,8 @@ class DistillSettings:
                     ("stage1.noise_draws", self.stage1.noise_draws), ("head.width", self.head.width),
                     ("stage2.guidance_draws", self.stage2.guidance_draws),
                     ("stage2.generator_draws", self.stage2.generator_draws),
-                    ("run.checkpoint_every", self.run.checkpoint_every), ("run.log_every", self.run.log_every)]
+                    ("run.checkpoint_every", self.run.checkpoint_every), ("run.log_every", self.run.log_every),
+                    ("run.grid_per_class", self.run.grid_per_class), ("run.grid_classes", self.run.grid_classes)]
         if flow:
             positive += [("flow_init.batch_size", self.flow_init.batch_size),
                          ("flow_init.euler_steps", self.flow_init.euler_steps)]

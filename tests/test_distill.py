@@ -34,7 +34,8 @@ def _env():
 
 def test_distill_writes_a_complete_run(synthetic_plugin, tmp_path):
     out = tmp_path / "run"
-    res = runner.invoke(app, ["distill", "--teacher", "synthetic-corr", "--out", str(out), *TINY])
+    res = runner.invoke(app, ["distill", "--teacher", "synthetic-corr", "--out", str(out), *TINY,
+                              "--set", "run.grid_classes=1"])
     assert res.exit_code == 0, res.output
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["teacher"] == "synthetic-corr" and cfg["settings"]["stage1"]["steps"] == 6
@@ -48,6 +49,10 @@ def test_distill_writes_a_complete_run(synthetic_plugin, tmp_path):
     assert {k.split(".")[0] for k in weights} == {"generator", "ema", "guidance"}
     assert (out / "checkpoints" / "stage1-0000006" / "FINAL").exists()  # kept to seed stage 2
     assert (out / "samples" / "final.png").is_file()
+    from PIL import Image
+
+    with Image.open(out / "samples" / "final.png") as grid:  # one class row of 2 (of the teacher's 2 classes)
+        assert grid.height < grid.width
     assert "Sample grid" in res.output
 
 

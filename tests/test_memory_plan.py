@@ -9,7 +9,7 @@ import torch
 
 from dd2cli import plugins
 from dd2cli.config import config_layers, resolve_layers
-from dd2cli.engine import memory
+from dd2cli.engine import memory, meta_trace
 from dd2cli.errors import DD2Error
 from dd2cli.networks import Generator, build_model
 from dd2cli.settings import DistillSettings
@@ -62,10 +62,55 @@ def test_the_meta_trace_saves_what_the_cpu_saves(var_family):
     cpu = _saved_bytes(lambda: forward(model, eps, labels), params)
     meta_model = model.to("meta")
     meta_params = {id(p) for p in meta_model.parameters()}
-    trace = memory._Trace([meta_model.backbone, meta_model.head], [meta_model.backbone], meta_params)
+    trace = meta_trace.Trace([meta_model.backbone, meta_model.head], [meta_model.backbone], meta_params)
     net, other, backbone = trace.run(lambda: forward(meta_model, eps.to("meta"), labels.to("meta")))
     assert net + other == cpu and 0 < backbone < net
     del tokens
+
+
+@pytest.fixture
+def real_families():
+    import dd2_llamagen
+    import dd2_var
+
+    plugins.register_plugin(dd2_var, name="var")
+    plugins.register_plugin(dd2_llamagen, name="llamagen")
+    return plugins.registry()
+
+
+@pytest.mark.parametrize("name, config", [("var-d16", "examples/configs/var-d16.toml"), ("llamagen-b", None),
+                                          ("var-digits", None)])
+def test_replaying_repeated_blocks_counts_the_bytes_of_tracing_every_one(real_families, monkeypatch, name, config):
+    """At real shapes (skeletons on the meta device) and on a digits teacher with its flow-map phase: the plan
+    traced with each repeated backbone block replayed from the first equals the plan traced block by block, and the
+    replay did skip the blocks' insides."""
+    variant = plugins.get_variant(name)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    settings, _ = resolve_layers(DistillSettings, [("variant", dict(variant.distill_defaults)),
+                                                   *config_layers(config and os.path.join(root, config), ())])
+    calls, built = {"n": 0}, []
+    build = memory._build
+
+    def counted_build(*args, **kwargs):  # counts the calls of every linear layer inside a block of a ModuleList
+        teacher, model = build(*args, **kwargs)
+        built.append(model)
+        for sub in model.modules():
+            if isinstance(sub, torch.nn.ModuleList):
+                for m in (m for block in sub for m in block.modules() if isinstance(m, torch.nn.Linear)):
+                    m.register_forward_pre_hook(lambda *_: calls.__setitem__("n", calls["n"] + 1))
+        return teacher, model
+
+    monkeypatch.setattr(memory, "_build", counted_build)
+    plans, counts = [], []
+    for replay in (False, True):
+        calls["n"] = 0
+        plan = memory.memory_plan(variant, settings, nproc=1, replay_blocks=replay)
+        plans.append([(st.key, update, a) for st in plan.stages for update, a in st.updates])
+        counts.append(calls["n"])
+    assert plans[0] == plans[1]
+    assert all(a.network > 0 and a.backbone > 0 for _, _, a in plans[0])
+    assert 0 < counts[1] < counts[0] / 2
+    assert not [m for model in built for m in model.modules() if "forward" in vars(m)]  # every block restored
 
 
 def test_the_plan_counts_the_networks_as_built(var_family):

@@ -69,6 +69,10 @@ def test_bad_input_is_one_sentence(tmp_path):
     res = subprocess.run([sys.executable, str(SCRIPT), "--teachers", "var-d99", "--json-out", str(tmp_path / "x")],
                          capture_output=True, text=True)
     assert res.returncode == 2 and "--teachers takes a comma list of llamagen-b, var-d16" in res.stderr
+    res = subprocess.run([sys.executable, str(SCRIPT), "--skip", "ddp,zero", "--json-out", str(tmp_path / "x")],
+                         capture_output=True, text=True)
+    assert res.returncode == 2 and "--skip takes a comma list of ddp, fsdp; got 'ddp,zero'" in res.stderr
+    assert not (tmp_path / "x").exists()
 
 
 @pytest.mark.slow

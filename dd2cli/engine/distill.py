@@ -202,11 +202,11 @@ class _Run:
                                f"(resume it with a lower learning rate, e.g. --set {key}=...).")
 
     def grid(self, generator_net: Generator, name: str) -> Path | None:
-        """One row per class (up to 10), `grid_per_class` samples each, fixed noise."""
+        """One row per class (the first `grid_classes`), `grid_per_class` samples each, fixed noise."""
         if not self.dist.is_main and not self.sharded:  # a sharded forward needs every rank
             return None
         per = self.settings.run.grid_per_class
-        ncls = min(self.spec.num_classes, 10)
+        ncls = min(self.spec.num_classes, self.settings.run.grid_classes)
         labels = torch.arange(ncls, device=self.device).repeat_interleave(per)
         g = torch.Generator(device=self.device).manual_seed(12345)
         eps = torch.randn(len(labels), self.spec.num_tokens, self.spec.latent_dim, generator=g, device=self.device)

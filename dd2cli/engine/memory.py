@@ -20,17 +20,13 @@ All sizes are in GB (10⁹ bytes), as GPU memory is sold.
 from __future__ import annotations
 
 import copy
-import math
 import os
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..config import to_dict
 from ..errors import DD2Error
@@ -38,6 +34,7 @@ from ..losses import TimestepSpec, csd_loss, fcs_loss, gts_loss
 from ..networks import ARDiffusion, Generator, build_model
 from ..settings import DistillSettings
 from ..teachers import Variant
+from .meta_trace import InitOnMeta, Trace
 
 GB = 10**9
 
@@ -241,53 +238,7 @@ def _sets(change: Mapping[str, object]) -> str:
     return " ".join(f"--set {k}={('true' if v else 'false') if isinstance(v, bool) else v}" for k, v in change.items())
 
 
-# ---- tracing on the meta device ----------------------------------------------------------------------------------
-
-class _ShapesOnly(TorchDispatchMode):
-    """On the meta device only shapes are computed, but bicubic upsampling (VAR's input maps) has no meta kernel:
-    its decomposition costs 0.1 s a call. Here it returns an empty result of the right shape at once."""
-
-    _BICUBIC = (torch.ops.aten.upsample_bicubic2d.default, torch.ops.aten.upsample_bicubic2d.vec)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func in self._BICUBIC and args[0].is_meta:
-            x, size = args[0], args[1] if len(args) > 1 else kwargs.get("output_size")
-            if size is None:
-                factors = args[3] if len(args) > 3 else kwargs["scale_factors"]
-                size = [int(math.floor(s * f)) for s, f in zip(x.shape[-2:], factors)]
-            return x.new_empty((*x.shape[:-2], *size))
-        return func(*args, **kwargs)
-
-
-class _FusedAttention(torch.autograd.Function):
-    """What a fused attention kernel (flash or memory-efficient, on CUDA and on CPU alike) keeps for the backward
-    pass: its inputs, its output and one log-sum-exp per query. The meta device runs the reference path instead,
-    which would keep the N × N attention weights of every head."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, mask):
-        if q.dim() == 4:  # laid out (batch, query, head, channel) as the kernels write it: the usual transpose back
-            B, H, L, _ = q.shape  # and reshape to (batch, query, width) is then a view, not a copy
-            out = q.new_empty((B, L, H, v.shape[-1])).transpose(1, 2)
-        else:
-            out = q.new_empty((*q.shape[:-1], v.shape[-1]))
-        kept = (q, k, v, out, q.new_empty(q.shape[:-1], dtype=torch.float32))
-        ctx.save_for_backward(*kept, *(() if mask is None else (mask,)))
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):  # (a trace never runs the backward pass)
-        raise NotImplementedError
-
-
-class _FusedAttentionMode(TorchFunctionMode):
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func is F.scaled_dot_product_attention:
-            kwargs = kwargs or {}
-            mask = args[3] if len(args) > 3 else kwargs.get("attn_mask")
-            return _FusedAttention.apply(*args[:3], mask if isinstance(mask, torch.Tensor) else None)
-        return func(*args, **(kwargs or {}))
+# ---- tracing on the meta device (dd2cli.engine.meta_trace) ----------------------------------------------------
 
 
 class _ShapeTeacher:
@@ -305,46 +256,6 @@ class _ShapeTeacher:
         return torch.zeros(x_BN.shape[0], self.spec.num_tokens, self.spec.vocab_size, device=x_BN.device)
 
 
-class _Trace:
-    """Bytes saved for backward while a function runs: each storage once, parameters never (they are counted as
-    weights), split by where they were saved (inside a network's layers or not, inside a backbone or not)."""
-
-    def __init__(self, networks: list[nn.Module], backbones: list[nn.Module], params: set[int]) -> None:
-        self.params, self.seen = params, {}
-        self.depth = {"network": 0, "backbone": 0}
-        self.handles = [h for m in networks for h in self._count_inside(m, "network")]
-        self.handles += [h for m in backbones for h in self._count_inside(m, "backbone")]
-
-    def _count_inside(self, module: nn.Module, where: str):
-        def enter(*_):
-            self.depth[where] += 1
-
-        def leave(*_):
-            self.depth[where] -= 1
-
-        return [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
-
-    def pack(self, t: torch.Tensor) -> torch.Tensor:
-        base = t._base if t._base is not None else t
-        if id(base) not in self.params and id(base) not in self.seen:
-            self.seen[id(base)] = (base, base.numel() * base.element_size(), self.depth["network"] > 0,
-                                   self.depth["backbone"] > 0)
-        return t
-
-    def run(self, fn: Callable[[], Any]) -> tuple[int, int, int]:
-        try:
-            with _ShapesOnly(), _FusedAttentionMode(), torch.autograd.graph.saved_tensors_hooks(self.pack,
-                                                                                            lambda t: t):
-                fn()
-        finally:
-            for h in self.handles:
-                h.remove()
-        net = sum(n for _, n, inside, _ in self.seen.values() if inside)
-        other = sum(n for _, n, inside, _ in self.seen.values() if not inside)
-        backbone = sum(n for _, n, _, bb in self.seen.values() if bb)
-        return net, other, backbone
-
-
 class _FeaturesWithoutGrad(nn.Module):
     """A backbone inside a trace: without gradients it saves nothing, so features of the right shape stand in for
     its pass (the generator update reads the guidance network's features that way); with them, the real one."""
@@ -359,11 +270,12 @@ class _FeaturesWithoutGrad(nn.Module):
         return z_BNd.new_zeros(z_BNd.shape[0], z_BNd.shape[1], self.inner.feature_dim)
 
 
-def _activations(fn: Callable[[int], Any], models: list[ARDiffusion], params: set[int]) -> Activations:
+def _activations(fn: Callable[[int], Any], models: list[ARDiffusion], params: set[int],
+                 replay: bool = True) -> Activations:
     """Per-sample saved bytes of `fn(batch)` (traced at batch 2 and halved). With activation checkpointing the
     backbone keeps only its input (a few bytes per token), so what stays saved is the rest."""
     nets = [m for net in models for m in (net.backbone, net.head)]  # (the modules the networks call)
-    trace = _Trace(nets, [net.backbone for net in models], params)
+    trace = Trace(nets, [net.backbone for net in models], params, replay)
     originals = [net.backbone for net in models]
     for net in models:
         net.backbone = _FeaturesWithoutGrad(net.backbone)
@@ -374,20 +286,6 @@ def _activations(fn: Callable[[int], Any], models: list[ARDiffusion], params: se
             net.backbone = backbone_module
     return Activations(network=net_bytes // 2, other=other // 2, backbone=backbone // 2,
                        kept_with_checkpointing=(net_bytes + other - backbone) // 2)
-
-
-class _InitOnMeta(TorchDispatchMode):
-    """Building a skeleton on the meta device: in-place initialisers (normal_, uniform_, fill_, ...) change no shape,
-    so they return their tensor at once instead of running the meta device's slow reference code."""
-
-    _SHAPE_CHANGING = {"resize_", "resize_as_", "set_", "as_strided_", "squeeze_", "unsqueeze_", "transpose_", "t_"}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        if name.endswith("_") and name not in self._SHAPE_CHANGING and args and isinstance(args[0], torch.Tensor) \
-                and args[0].is_meta:
-            return args[0]
-        return func(*args, **(kwargs or {}))
 
 
 def _largest_unit(model: nn.Module) -> int:
@@ -406,7 +304,7 @@ def _build(variant: Variant, settings: DistillSettings, weights: Mapping[str, st
     """The teacher and a ψ-shaped network on the meta device (from the skeleton, or loaded and moved there)."""
     h = settings.head
     if variant.skeleton is not None:
-        with torch.device("meta"), _InitOnMeta():
+        with torch.device("meta"), InitOnMeta():
             teacher = variant.skeleton(variant)
             model = build_model(teacher.new_backbone(), teacher.spec.latent_dim, h.width, h.depth, h.mlp_ratio)
         return teacher, model
@@ -421,8 +319,9 @@ def _build(variant: Variant, settings: DistillSettings, weights: Mapping[str, st
 
 
 def memory_plan(variant: Variant, settings: DistillSettings, nproc: int | None = None, gpu_memory: str | None = None,
-                weights: Mapping[str, str] | None = None) -> MemoryPlan:
-    """The plan of a run of `variant` with `settings` over `nproc` ranks (default: $WORLD_SIZE or 1)."""
+                weights: Mapping[str, str] | None = None, replay_blocks: bool = True) -> MemoryPlan:
+    """The plan of a run of `variant` with `settings` over `nproc` ranks (default: $WORLD_SIZE or 1).
+    `replay_blocks=False` traces every repeated block instead of replaying the first (slower, same bytes)."""
     nproc = nproc or int(os.environ.get("WORLD_SIZE", "1"))
     if nproc < 1:
         raise DD2Error(f"--nproc must be at least 1, not {nproc}.")
@@ -470,7 +369,7 @@ def memory_plan(variant: Variant, settings: DistillSettings, nproc: int | None =
                  weighting=s2.weighting, draws=s2.generator_draws, **score)
 
     def trace(fn, models):
-        return _activations(fn, models, params)
+        return _activations(fn, models, params, replay_blocks)
 
     if s1.steps > 0:
         plan.stages.append(StagePlan("stage1", "stage 1 (GTS)", s1.batch_size,

@@ -158,6 +158,20 @@ class KVCache:
         self.kv[layer, 1, :, :, start:end] = v_BHLD
         return self.kv[layer, 0, :, :, :end], self.kv[layer, 1, :, :, :end]
 
+    def layer(self, index: int) -> LayerCache:
+        return LayerCache(self, index)
+
+
+class LayerCache:
+    """One layer's part of a `KVCache`. A block is handed its own part, so that every block of a pass is called
+    with the same arguments (dd2's memory plan traces one block and replays the others)."""
+
+    def __init__(self, cache: KVCache, index: int) -> None:
+        self.cache, self.index = cache, index
+
+    def update(self, start: int, k_BHLD: Tensor, v_BHLD: Tensor) -> tuple[Tensor, Tensor]:
+        return self.cache.update(self.index, start, k_BHLD, v_BHLD)
+
 
 class Attention(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
@@ -168,8 +182,7 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)
         self.wo = nn.Linear(cfg.dim, cfg.dim, bias=False)
 
-    def forward(self, x_BLC: Tensor, rope_LH2: Tensor, start: int = 0, cache: KVCache | None = None,
-                layer: int = 0) -> Tensor:
+    def forward(self, x_BLC: Tensor, rope_LH2: Tensor, start: int = 0, cache: LayerCache | None = None) -> Tensor:
         B, L, C = x_BLC.shape
         qkv = self.wqkv(x_BLC).view(B, L, 3 * self.n_head, self.head_dim)
         # q and k heads are rotated in one call (fewer small ops per decoding step)
@@ -177,7 +190,7 @@ class Attention(nn.Module):
         q, k = qk[:, : self.n_head], qk[:, self.n_head :]
         v = qkv[:, :, 2 * self.n_head :].transpose(1, 2)
         if cache is not None:
-            k, v = cache.update(layer, start, k, v)
+            k, v = cache.update(start, k, v)
         if k.shape[2] == L:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=L > 1)
         elif L == 1:
@@ -212,9 +225,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
 
-    def forward(self, x_BLC: Tensor, rope_LH2: Tensor, start: int = 0, cache: KVCache | None = None,
-                layer: int = 0) -> Tensor:
-        h = x_BLC + self.attention(self.attention_norm(x_BLC), rope_LH2, start, cache, layer)
+    def forward(self, x_BLC: Tensor, rope_LH2: Tensor, start: int = 0, cache: LayerCache | None = None) -> Tensor:
+        h = x_BLC + self.attention(self.attention_norm(x_BLC), rope_LH2, start, cache)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -263,7 +275,7 @@ class Trunk(nn.Module):
             raise ValueError(f"positions up to {start + L} exceed the {self.max_positions} RoPE rows")
         rope_LH2 = self.rope[start : start + L]
         for i, layer in enumerate(self.layers):
-            h_BLC = layer(h_BLC, rope_LH2, start, cache, i)
+            h_BLC = layer(h_BLC, rope_LH2, start, None if cache is None else cache.layer(i))
         return self.norm(h_BLC)
 
 
