@@ -32,6 +32,18 @@ class State:
 
 state = State()
 
+#: `--offline` on the commands that may download, so that it works after the command name too
+OFFLINE = typer.Option(False, "--offline", metavar="", help="Never download (the same as 'dd2 --offline ...', "
+                       "DD2_OFFLINE=1 or HF_HUB_OFFLINE=1): local and cached files only.")
+
+
+def go_offline(offline: bool) -> None:
+    """A command's own `--offline`; the `dd2` callback clears the flag when the command ends."""
+    if offline:
+        from .downloads import set_offline
+
+        set_offline(True)
+
 
 def show(text: str) -> None:
     """A result line on stdout; `text` is plain text (paths may hold brackets), never markup."""

@@ -13,7 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from .cli_common import Stage, console, handle_errors, parse_weights, progress_for, say, show, state
+from .cli_common import OFFLINE, Stage, console, go_offline, handle_errors, parse_weights, progress_for, say, show, state
 from .config import describe
 from .errors import DD2Error
 from .files import read_json
@@ -51,11 +51,13 @@ def distill(
                                         "for (default: $WORLD_SIZE, else 1)."),
     gpu_memory: Optional[str] = typer.Option(None, "--gpu-memory", help="With --dry-run: memory per GPU, e.g. 80GB; "
                                              "the plan then says whether each stage fits and what to change if not."),
+    offline: bool = OFFLINE,
 ) -> None:
     """Distil a teacher into a one-step generator: stage 1 (GTS init) then stage 2 (CSD). Resumable.
 
     Runs data-parallel under torchrun: torchrun --nproc_per_node N -m dd2cli distill ...
     """
+    go_offline(offline)
     from .engine.distill import DistillRequest, prepare, run  # (torch: imported when a command runs, not at start-up)
 
     req = DistillRequest(teacher=teacher, weights=parse_weights(weights), config=config, overrides=tuple(set_),

@@ -11,7 +11,20 @@ from rich import box
 from rich.markup import escape
 from rich.table import Table
 
-from .cli_common import Features, Precision, Resize, console, handle_errors, parse_weights, progress_for, say, set_threads, state
+from .cli_common import (
+    OFFLINE,
+    Features,
+    Precision,
+    Resize,
+    console,
+    go_offline,
+    handle_errors,
+    parse_weights,
+    progress_for,
+    say,
+    set_threads,
+    state,
+)
 from .errors import DD2Error
 
 # KID in scientific notation: its scale depends on the feature space (about 1e-3 on Inception, 1e3 on digits)
@@ -85,7 +98,9 @@ def _metric_command(metrics: tuple[str, ...], doc: str) -> Callable:
         threads: int = typer.Option(-1, "--threads", help="CPU threads for torch: -1 = one per idle "
                                     "core (the count is said on stderr), 0 = torch's default, N = N; the "
                                     "same on every dd2 command."),
+        offline: bool = OFFLINE,
     ) -> None:
+        go_offline(offline)
         from .engine.evaluate import EvalRequest, evaluate
 
         set_threads(ctx, threads)
@@ -140,8 +155,10 @@ def eval_app() -> typer.Typer:
         threads: int = typer.Option(-1, "--threads", help="CPU threads for torch: -1 = one per idle "
                                     "core (the count is said on stderr), 0 = torch's default, N = N; the "
                                     "same on every dd2 command."),
+        offline: bool = OFFLINE,
     ) -> None:
         """Images/s and latency of the one-step generator vs the teacher (and k-step), decode included."""
+        go_offline(offline)
         from .engine.speed import SpeedRequest, measure_speed
 
         set_threads(ctx, threads)
@@ -179,10 +196,12 @@ def eval_app() -> typer.Typer:
         threads: int = typer.Option(-1, "--threads", help="CPU threads for torch: -1 = one per idle "
                                     "core (the count is said on stderr), 0 = torch's default, N = N; the "
                                     "same on every dd2 command."),
+        offline: bool = OFFLINE,
     ) -> None:
         """Total variation between the samples' joint over token ids and the teacher's exact joint, per class,
         with the noise floor at that sample size, the set-prediction baseline and each AR step's conditional
         error (writes joint-tv.json next to each set)."""
+        go_offline(offline)
         from .engine.joint import score_sample_sets
 
         set_threads(ctx, threads)

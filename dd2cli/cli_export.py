@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from .cli_common import DType, ExportFormat, GeneratorWeights, handle_errors, progress_for, show, state
+from .cli_common import OFFLINE, DType, ExportFormat, GeneratorWeights, go_offline, handle_errors, progress_for, show, state
 
 
 @handle_errors
@@ -22,11 +22,13 @@ def export(
                                 "generator.pt2 (a torch.export program that runs without dd2; loading a .pt2 runs "
                                 "code, so only load one from a trusted source: the safetensors files are the safe "
                                 "way to share a generator)."),
+    offline: bool = OFFLINE,
 ) -> None:
     """Export a run's one-step generator as a self-contained bundle (weights, decoder, codebook, model card).
 
     Load it with 'dd2 sample --from BUNDLE_DIR' or in Python with dd2cli.load_generator(BUNDLE_DIR).
     """
+    go_offline(offline)
     from .engine.export import ExportRequest
     from .engine.export import export as run_export
     from .engine.model_card import human_size

@@ -8,9 +8,11 @@ from typing import Optional
 import typer
 
 from .cli_common import (
+    OFFLINE,
     Baseline,
     GeneratorWeights,
     Precision,
+    go_offline,
     handle_errors,
     parse_weights,
     progress_for,
@@ -63,11 +65,13 @@ def sample(
     threads: int = typer.Option(-1, "--threads", help="CPU threads for torch: -1 = one per idle "
                                 "core (the count is said on stderr), 0 = torch's default, N = N; the "
                                 "same on every dd2 command."),
+    offline: bool = OFFLINE,
 ) -> None:
     """Draw a sample set (PNGs + ADM .npz + manifest) from a distilled generator, a bundle or a teacher.
 
     Resumable; under torchrun the images are sharded over ranks: torchrun --nproc_per_node N -m dd2cli sample ...
     """
+    go_offline(offline)
     from .engine.sample import SampleRequest, run
 
     set_threads(ctx, threads)

@@ -268,16 +268,22 @@ def test_teachers_says_download_on_first_use_then_cached(hub):
     assert entry["status"] == "cached" and entry["path"]
 
 
-def test_distill_offline_without_files_is_one_sentence(hub, tmp_path):
+@pytest.mark.parametrize("where", ["before the command", "after the command"])
+def test_distill_offline_without_files_is_one_sentence(hub, tmp_path, where):
     import dd2_var
 
+    from dd2cli.downloads import is_offline
+
     plugins.register_plugin(dd2_var, name="var")
-    res = runner.invoke(app, ["--offline", "distill", "--teacher", "var-d16", "--out", str(tmp_path / "run")])
+    args = ["distill", "--teacher", "var-d16", "--out", str(tmp_path / "run")]
+    args = ["--offline", *args] if where == "before the command" else [*args, "--offline"]
+    res = runner.invoke(app, args)
     assert res.exit_code == 2, res.output
     message = " ".join(res.output.split())
     assert "var_d16.pth" in message and "--weights var=PATH" in message and "huggingface.co/FoundationVision/var" in message
     assert hub.requests == []
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+    assert not is_offline()  # the flag held for that command only
 
 
 # The Inception weights of `dd2 eval`: torch.hub's download, checked against the hash prefix in the file name.
