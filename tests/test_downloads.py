@@ -271,7 +271,6 @@ def test_teachers_says_download_on_first_use_then_cached(hub):
 @pytest.mark.parametrize("where", ["before the command", "after the command"])
 def test_distill_offline_without_files_is_one_sentence(hub, tmp_path, where):
     import dd2_var
-
     from dd2cli.downloads import is_offline
 
     plugins.register_plugin(dd2_var, name="var")
