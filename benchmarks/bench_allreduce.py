@@ -101,11 +101,12 @@ def _backward_with_averaging(base, info, repeats: int) -> dict[str, list[float]]
 
     plain, overlapped = _Weights(base), _Weights(base)
     ddp = DistributedDataParallel(_Weights(base))
-    times = {"ddp": [], "dd2 overlapped": [], "dd2 backward": []}
     contenders = [("ddp", ddp), ("dd2 overlapped", overlapped), ("dd2 backward", plain)]
+    times = {name: [] for name, _ in contenders}
     for r in range(repeats + 1):
         # each round starts with another contender: whoever runs first after the barrier pays for caches refilled
-        for name, module in contenders[r % 3:] + contenders[:r % 3]:
+        first = r % len(contenders)
+        for name, module in contenders[first:] + contenders[:first]:
             module.zero_grad(set_to_none=True)
             dist.barrier()
             t0 = time.perf_counter()
