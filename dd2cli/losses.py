@@ -3,6 +3,9 @@
 - `gts_loss`: stage 1, AR-diffusion tuning against the closed-form teacher velocity.
 - `fcs_loss`: stage 2, guidance update (the generator's conditional score by flow matching).
 - `csd_loss`: stage 2, generator update (conditional score distillation, SiD form with α).
+
+The network a loss trains is only called (its forward), so it may come wrapped for data parallel; the frozen
+guidance network of `csd_loss` is used through its methods.
 """
 
 from __future__ import annotations
@@ -57,22 +60,20 @@ def gts_loss(model: ARDiffusion, teacher: Teacher, tokens_BN: Tensor, labels_B: 
     codebook_Vd = teacher.codebook()
     B, N = tokens_BN.shape
     d = codebook_Vd.shape[1]
-    # 1. one backbone pass on the clean sequence
+    # 1. teacher distribution at every position of the clean sequence (one teacher forward, no grad)
     c_BNd = codebook_Vd[tokens_BN]
-    f_BNC = model.features(c_BNd, labels_B)
-    # 2. teacher distribution at every position (one teacher forward, no grad)
     probs = teacher_probs(teacher, tokens_BN, labels_B, target_settings, support)
-    # 3. m noisy draws per position
+    # 2. m noisy draws per position
     t_BNm, eps_BNmd = _draws(B, N, draws, d, timesteps, generator, tokens_BN.device)
     x_BNmd = flow.noise(c_BNd[:, :, None], t_BNm, eps_BNmd)
-    # 4. closed-form target velocity, one draw at a time so p is never copied m times
+    # 3. closed-form target velocity, one draw at a time so p is never copied m times
     with torch.no_grad():
         target = torch.stack([
             flow.velocity(x_BNmd[:, :, k], t_BNm[:, :, k], probs, codebook_Vd, chunk_size=chunk_size,
                           t_min=timesteps.t_min)
             for k in range(draws)], dim=2)
-    # 5. regression of the head's velocity (all draws in one batched call)
-    pred = model.velocity(x_BNmd, t_BNm, f_BNC)
+    # 4. regression: one backbone pass on the clean sequence, the head's velocity for all draws in one call
+    pred = model(c_BNd, labels_B, x_BNmd, t_BNm)
     return (pred - target).square().mean()
 
 
@@ -94,11 +95,10 @@ def fcs_loss(guidance: ARDiffusion, q_BNd: Tensor, labels_B: Tensor, *, draws: i
     """Guidance (fake conditional score) loss on generated `q` (no grad into the generator)."""
     q_BNd = q_BNd.detach()
     B, N, d = q_BNd.shape
-    f_BNC = guidance.features(q_BNd, labels_B)
     t_BNm, eps_BNmd = _draws(B, N, draws, d, timesteps, generator, q_BNd.device)
     x_BNmd = flow.noise(q_BNd[:, :, None], t_BNm, eps_BNmd)
     target_BNmd = eps_BNmd - q_BNd[:, :, None]
-    err_BNm = (guidance.velocity(x_BNmd, t_BNm, f_BNC) - target_BNmd).square().mean(-1)
+    err_BNm = (guidance(q_BNd, labels_B, x_BNmd, t_BNm) - target_BNmd).square().mean(-1)
     if position_weights_N is not None:
         err_BNm = err_BNm * position_weights_N[:, None]
     return err_BNm.mean()

@@ -35,6 +35,13 @@ class ARDiffusion(nn.Module):
             return checkpoint(self.backbone, z_BNd, labels_B, use_reentrant=False)
         return self.backbone(z_BNd, labels_B)
 
+    def forward(self, z_BNd: Tensor, labels_B: Tensor, x_BNmd: Tensor, t_BNm: Tensor) -> Tensor:
+        """Velocities of the noisy draws `x (B, n, m, d)` given the sequence `z`: `features`, then `velocity`.
+
+        The trained networks' losses call this, so that a data-parallel wrapper sees the whole pass.
+        """
+        return self.velocity(x_BNmd, t_BNm, self.features(z_BNd, labels_B))
+
     def velocity(self, x_BNmd: Tensor, t_BNm: Tensor, f_BNC: Tensor) -> Tensor:
         """Velocities of `m` noisy draws per position in one batched head call: `x (B, n, m, d)`."""
         B, N, m, d = x_BNmd.shape

@@ -40,7 +40,7 @@ if record_dir:
 
     def recording_gts(model, teacher, tokens_BN, labels_B, **kw):
         seen["gts_batches"].append({"shape": list(tokens_BN.shape), "labels": labels_B.tolist(),
-                                    "tokens": tokens_BN.tolist()})
+                                    "tokens": tokens_BN.tolist(), "model": type(model).__name__})
         return original_gts(model, teacher, tokens_BN, labels_B, **kw)
 
     distill.gts_loss = recording_gts

@@ -366,7 +366,26 @@ def test_two_process_gloo_replicas_stay_identical_and_batch_is_split(tmp_path):
     for b0, b1 in zip(r0["gts_batches"], r1["gts_batches"]):
         assert b0["shape"][0] == 4 and b1["shape"][0] == 4  # the global batch of 8, split in two
         assert b0["tokens"] != b1["tokens"] or b0["labels"] != b1["labels"]  # different data per rank
+        assert b0["model"] == b1["model"] == "DistributedDataParallel"  # what the loss trains through
     assert len(r0["gts_batches"]) == 4
+
+
+@pytest.mark.slow
+def test_two_process_run_of_a_digits_teacher_ends_with_its_quality_report(tmp_path):
+    """Under torchrun the quality report at the end is rank 0's alone (the others have left the process group):
+    it samples in one process instead of waiting for ranks that are gone."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("DD2_LOAD_PLUGINS", None)  # (the bundled families: var-digits)
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           "29518", "-m", "dd2cli", "--quiet", "distill", "--teacher", "var-digits", "--out", str(out),
+                           "--device", "cpu", *TINY, "--set", "stage1.head_only_steps=2", "--set", "flow_init.steps=0",
+                           "--set", "run.sample_every=0", "--set", "run.eval_samples=20"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "quality.json").read_text())
+    assert [r["name"] for r in report["rows"]] == ["one-step", "teacher", "set-prediction"]
+    assert all(r["n"] == 20 for r in report["rows"])
 
 
 def _torchrun(args, port, env, timeout=600):

@@ -1,4 +1,4 @@
-"""Data-parallel gradient averaging (2 gloo processes) and resuming a run on another number of processes."""
+"""Data parallel (DistributedDataParallel over 2 gloo processes) and resuming a run on another number of processes."""
 
 import json
 import os
@@ -6,7 +6,6 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,96 +13,100 @@ import torch
 DRIVER = str(Path(__file__).parent / "distill_driver.py")
 
 
-def _average_both_ways(rank, world, init_file, out_dir):
+def _average_per_tensor(params, world: int) -> None:
+    """The reference: one blocking all-reduce per gradient, then the division."""
     import torch.distributed as dist
 
-    from dd2cli.engine.distributed import DistInfo, average_gradients, average_gradients_per_tensor
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    info = DistInfo(rank=rank, world_size=world, local_rank=rank)
-    g = torch.Generator().manual_seed(100 + rank)  # every rank its own gradients
-    shapes = [(3,), (50, 40), (7,), (1000,), (2, 3, 4), (0,), (300, 300), (5,)]
-    dtypes = [torch.float32, torch.float32, torch.float16, torch.float32, torch.bfloat16, torch.float32,
-              torch.float32, torch.float64]
-    grads = [torch.randn(s, generator=g).to(dt) for s, dt in zip(shapes, dtypes)]
-    results = {}
-    for name, fn in (("reference", average_gradients_per_tensor), ("dd2", average_gradients)):
-        params = [SimpleNamespace(grad=t.clone()) for t in grads] + [SimpleNamespace(grad=None)]
-        # a bucket size that makes every kind: tensors alone, several buckets of one dtype, one per dtype
-        fn(params, info, **({"bucket_bytes": 4096} if name == "dd2" else {}))
-        results[name] = [p.grad for p in params]
-    if rank == 0:
-        torch.save(results, os.path.join(out_dir, "results.pt"))
-    dist.destroy_process_group()
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad.div_(world)
 
 
-def test_bucketed_in_flight_averaging_equals_one_all_reduce_per_tensor_bit_for_bit(tmp_path):
-    import torch.multiprocessing as mp
-
-    init = tempfile.mktemp(dir=tmp_path)
-    mp.start_processes(_average_both_ways, args=(2, init, str(tmp_path)), nprocs=2, start_method="spawn")
-    results = torch.load(tmp_path / "results.pt", weights_only=True)
-    ref, got = results["reference"], results["dd2"]
-    assert got[-1] is None and ref[-1] is None
-    for a, b in zip(ref[:-1], got[:-1]):
-        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
-    # an average of rank 0's and rank 1's gradients (which differ): rank 0's own first tensor was randn(3) of seed 100
-    own = torch.randn((3,), generator=torch.Generator().manual_seed(100))
-    assert not torch.equal(got[0], own) and torch.allclose(got[0], (own + torch.randn((3,), generator=torch.Generator()
-                                                                                        .manual_seed(101))) / 2)
-
-
-def _overlapped_vs_after(rank, world, init_file, out_dir):
+def _wrapped_vs_reference(rank, world, init_file, out_dir):
     import torch.distributed as dist
 
-    from dd2cli.engine.distributed import DistInfo, OverlappedAveraging, average_gradients_per_tensor
+    from dd2cli.engine.distributed import DistInfo, data_parallel
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     info = DistInfo(rank=rank, world_size=world, local_rank=rank)
 
-    def net():
-        torch.manual_seed(0)  # the same weights on every rank
-        m = torch.nn.ModuleDict({"a": torch.nn.Linear(6, 64), "b": torch.nn.Linear(64, 64), "c": torch.nn.Linear(64, 3),
-                                 "frozen": torch.nn.Linear(6, 6)})
-        m.frozen.requires_grad_(False)
-        m.half_w = torch.nn.Parameter(torch.randn(3, dtype=torch.bfloat16))
-        m.unused = torch.nn.Parameter(torch.zeros(5))
-        return m
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)  # the same weights on every rank
+            self.a, self.b, self.c = torch.nn.Linear(6, 64), torch.nn.Linear(64, 64), torch.nn.Linear(64, 3)
+            self.frozen = torch.nn.Linear(6, 6).requires_grad_(False)
+            self.half_w = torch.nn.Parameter(torch.randn(3, dtype=torch.bfloat16))
+            self.unused = torch.nn.Parameter(torch.zeros(5))  # (a backbone's output head: never in the loss)
 
-    def loss(m, x):
-        h = m.b(torch.tanh(m.a(m.frozen(x)))).relu()
-        return (m.c(h) * m.half_w.float()).pow(2).mean()
+        def forward(self, x):
+            h = self.b(torch.tanh(self.a(self.frozen(x)))).relu()
+            return self.c(h) * self.half_w.float()
 
-    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(100 + rank))  # every rank its own batch
-    after, during = net(), net()
-    loss(after, x).backward()
-    average_gradients_per_tensor(after.parameters(), info)
-    averaging = OverlappedAveraging(during.parameters(), info, bucket_bytes=4096)
-    loss(during, x).backward()
-    started_in_backward = len(averaging.in_flight)
-    averaging.finish()
+    wrapped_net, reference = Net(), Net()
+    wrapped = data_parallel(wrapped_net, info)
+    steps = []
+    for step in range(4):
+        if step == 2:  # which parameters train changes (a head-only phase ending the other way round): rebuild
+            for net in (wrapped_net, reference):
+                net.a.requires_grad_(False)
+            wrapped = None
+            wrapped = data_parallel(wrapped_net, info)
+        x = torch.randn(4, 6, generator=torch.Generator().manual_seed(100 * step + rank))  # every rank its own batch
+        for net in (wrapped_net, reference):
+            net.zero_grad(set_to_none=True)
+        wrapped(x).pow(2).mean().backward()
+        reference(x).pow(2).mean().backward()
+        _average_per_tensor(reference.parameters(), world)
+        steps.append({"wrapped": [p.grad.clone() if p.grad is not None else None for p in wrapped_net.parameters()],
+                      "reference": [p.grad for p in reference.parameters()]})
+        with torch.no_grad():
+            for net in (wrapped_net, reference):
+                for p in net.parameters():
+                    if p.grad is not None:
+                        p -= 0.1 * p.grad
+            wrapped_net(x)  # the network itself, between updates (a sample grid, EMA): no collective
+        # and frozen as the guidance is in a generator update: a gradient only into its input, nothing averaged
+        wrapped_net.requires_grad_(False)
+        x.requires_grad_(True)
+        wrapped_net(x).sum().backward()
+        wrapped_net.requires_grad_(True).frozen.requires_grad_(False)
+        if step >= 2:
+            wrapped_net.a.requires_grad_(False)
     if rank == 0:
-        torch.save({"after": [p.grad for p in after.parameters()], "during": [p.grad for p in during.parameters()],
-                    "buckets": len(averaging.buckets), "started": started_in_backward}, os.path.join(out_dir, "results.pt"))
+        torch.save({"steps": steps, "kind": type(wrapped).__name__}, os.path.join(out_dir, "results.pt"))
     dist.destroy_process_group()
 
 
-def test_averaging_while_the_backward_runs_equals_averaging_after_it_bit_for_bit(tmp_path):
+def test_data_parallel_wrapper_averages_exactly_like_one_all_reduce_per_tensor(tmp_path):
+    """dd2's data parallel is torch's DistributedDataParallel, set up for how dd2 trains: frozen parameters,
+    a parameter no loss reaches, mixed dtypes, a rebuild when which parameters train changes, and the network
+    used without the wrapper in between. Its gradients are the per-tensor averages, bit for bit (2 ranks: the
+    division by 2 is exact, before or after the sum)."""
     import torch.multiprocessing as mp
 
     init = tempfile.mktemp(dir=tmp_path)
-    mp.start_processes(_overlapped_vs_after, args=(2, init, str(tmp_path)), nprocs=2, start_method="spawn")
+    mp.start_processes(_wrapped_vs_reference, args=(2, init, str(tmp_path)), nprocs=2, start_method="spawn")
     out = torch.load(tmp_path / "results.pt", weights_only=True)
-    assert len(out["after"]) == len(out["during"]) == 10
-    for a, b in zip(out["after"], out["during"]):
-        assert (a is None) == (b is None)
-        if a is not None:
-            assert a.dtype == b.dtype and torch.equal(a, b)
-    # frozen weights and bias, and the parameter no loss reaches, got no gradient; the others were averaged
-    assert [g is None for g in out["during"]] == [False, True] + [False] * 6 + [True, True]  # own params first
-    assert out["buckets"] >= 3 and out["started"] >= 1  # several buckets, some on their way before backward ended
+    assert out["kind"] == "DistributedDataParallel" and len(out["steps"]) == 4
+    for i, step in enumerate(out["steps"]):
+        assert len(step["wrapped"]) == len(step["reference"]) == 10
+        for a, b in zip(step["reference"], step["wrapped"]):
+            assert (a is None) == (b is None), i
+            if a is not None:
+                assert a.dtype == b.dtype and torch.equal(a, b), i
+        # own parameters first (half_w, unused), then a, b, c, frozen (weight and bias each)
+        a_trains = i < 2
+        assert [g is None for g in step["wrapped"]] == [False, True] + [not a_trains] * 2 + [False] * 4 + [True] * 2
+
+
+def test_one_process_trains_the_network_itself():
+    from dd2cli.engine.distributed import DistInfo, data_parallel
+
+    net = torch.nn.Linear(2, 2)
+    assert data_parallel(net, DistInfo()) is net
 
 
 def _env():
@@ -204,3 +207,12 @@ def test_a_sharded_run_resumed_on_as_many_processes_continues_exactly(tmp_path, 
     for name in ("generator", "ema", "guidance"):
         wa, wb = a.module_state(name), b.module_state(name)
         assert all(torch.equal(wa[k], wb[k]) for k in wa), name
+
+
+@pytest.mark.slow
+def test_the_data_parallel_benchmark_runs_and_its_contenders_agree():
+    bench = Path(__file__).parent.parent / "benchmarks" / "bench_allreduce.py"
+    proc = subprocess.run([sys.executable, str(bench), "--params", "0.5", "--tensors", "20", "--repeats", "1"],
+                          env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "same averages as per-tensor, bit for bit: ddp True, dd2 True" in proc.stdout, proc.stdout

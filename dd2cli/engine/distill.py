@@ -50,8 +50,8 @@ from .distributed import (
     broadcast_module,
     cleanup,
     clip_sharded_gradients,
+    data_parallel,
     init_from_env,
-    overlapped_averaging,
     reshard,
     shard_model,
 )
@@ -244,11 +244,13 @@ class _Run:
         if self.sharded:
             reshard(*modules)
 
-    def averaged(self, params):
-        """A context for one backward pass: the gradients of `params` are averaged over the ranks as it runs."""
-        if self.sharded:  # FSDP reduce-scatters (averages) gradients in its own backward hooks
-            return contextlib.nullcontext()
-        return overlapped_averaging(params, self.dist)
+    def data_parallel(self, module: torch.nn.Module) -> torch.nn.Module:
+        """What a loss calls to train `module`: its `DistributedDataParallel` wrapper, which averages the gradients
+        over the ranks during the backward pass; `module` itself in one process or under FSDP (which
+        reduce-scatters gradients in its own backward hooks). Build it again when which parameters train changes."""
+        if self.sharded:
+            return module
+        return data_parallel(module, self.dist)
 
 
 def _lr_at(step: int, base: float, warmup: int, start: float = 1e-6, decay: str = "none", total: int = 0,
@@ -371,11 +373,15 @@ def _stage1(run: _Run, ckpt: Checkpoint | None) -> ARDiffusion:
     timesteps = TimestepSpec(**to_dict(s1.timesteps))
     run.start("stage 1 (GTS)", s1.steps, start)
     t0, done = time.perf_counter(), 0
+    trained, trains = None, None  # the data-parallel wrapper, and whether the backbone trained when it was built
     for step in range(start, s1.steps):
         # 0. schedule: head only first (backbone frozen), then everything
         backbone_trains = step >= s1.head_only_steps
-        if not run.sharded:  # (FSDP keeps requires_grad fixed: its gathered copies would not follow a toggle)
-            model.backbone.requires_grad_(backbone_trains)
+        if backbone_trains != trains:
+            if not run.sharded:  # (FSDP keeps requires_grad fixed: its gathered copies would not follow a toggle)
+                model.backbone.requires_grad_(backbone_trains)
+            trained = None  # (the old wrapper goes first: its hooks leave with it)
+            trained, trains = run.data_parallel(model), backbone_trains
         decay = {"decay": s1.lr_decay, "final": s1.lr_final}
         _set_lr(opt, {"head": _lr_at(step, s1.lr, s1.warmup_steps, total=s1.steps, **decay),
                       "backbone": _lr_at(step - s1.head_only_steps, s1.backbone_lr, s1.warmup_steps,
@@ -385,13 +391,12 @@ def _stage1(run: _Run, ckpt: Checkpoint | None) -> ARDiffusion:
         tokens, labels = next(batches)
         # 2. GTS loss: closed-form teacher velocity as the regression target
         with run.autocast():
-            loss = gts_loss(model, run.teacher, tokens, labels, target_settings=run.target, draws=s1.noise_draws,
+            loss = gts_loss(trained, run.teacher, tokens, labels, target_settings=run.target, draws=s1.noise_draws,
                             timesteps=timesteps, generator=run.gen_train, chunk_size=run.settings.score.chunk_size,
                             support=run.settings.score.support)
         # 3. update
         opt.zero_grad(set_to_none=True)
-        with run.averaged(model.parameters()):
-            loss.backward()
+        loss.backward()
         if run.sharded and not backbone_trains:
             for p in backbone_params:  # frozen as above: Adam skips parameters without a gradient
                 p.grad = None
@@ -441,6 +446,7 @@ def _flow_init(run: _Run, ckpt: Checkpoint | None) -> None:
     n, d = run.spec.num_tokens, run.spec.latent_dim
     score_kw = {"chunk_size": run.settings.score.chunk_size, "support": run.settings.score.support}
     modules = {"model": psi0_state, "generator": gen}
+    trained = run.data_parallel(gen)
     run.start("stage 1 (flow-map init)", fi.steps, start)
     t0, done = time.perf_counter(), 0
     for step in range(start, fi.steps):
@@ -448,11 +454,10 @@ def _flow_init(run: _Run, ckpt: Checkpoint | None) -> None:
         labels = run.labels(batch)
         eps = torch.randn(batch, n, d, generator=run.gen_train, device=run.device)
         with run.autocast():
-            loss, agree = flow_map_loss(gen, run.teacher, eps, labels, settings=run.target,
+            loss, agree = flow_map_loss(trained, run.teacher, eps, labels, settings=run.target,
                                         euler_steps=fi.euler_steps, **score_kw)
         opt.zero_grad(set_to_none=True)
-        with run.averaged(gen.parameters()):
-            loss.backward()
+        loss.backward()
         grad_norm = _clip(gen.parameters(), fi.grad_clip)
         opt.step()
         loss_value = average_scalar(loss.item(), run.dist)
@@ -511,6 +516,7 @@ def _stage2(run: _Run, start: dict[str, Any], ckpt: Checkpoint | None) -> tuple[
     score_kw = {"chunk_size": run.settings.score.chunk_size, "support": run.settings.score.support}
     teacher = _SnappingTeacher(run.teacher) if s2.snap_prefix else run.teacher
     position_w = step_balance_weights(run.spec.steps, run.device) if s2.balance_steps else None
+    trained_guidance, trained_gen = run.data_parallel(guidance), run.data_parallel(gen)
 
     def noise() -> torch.Tensor:
         return torch.randn(batch, n, d, generator=run.gen_train, device=run.device)
@@ -521,11 +527,10 @@ def _stage2(run: _Run, start: dict[str, Any], ckpt: Checkpoint | None) -> tuple[
         with torch.no_grad(), run.autocast():
             q = gen(noise(), labels).float()
         with run.autocast():
-            loss = fcs_loss(guidance, q, labels, draws=s2.guidance_draws, timesteps=timesteps, generator=run.gen_train,
-                            position_weights_N=position_w)
+            loss = fcs_loss(trained_guidance, q, labels, draws=s2.guidance_draws, timesteps=timesteps,
+                            generator=run.gen_train, position_weights_N=position_w)
         opt_psi.zero_grad(set_to_none=True)
-        with run.averaged(guidance.parameters()):
-            loss.backward()
+        loss.backward()
         _clip(guidance.parameters(), s2.grad_clip)
         opt_psi.step()
         return average_scalar(loss.item(), run.dist)
@@ -560,12 +565,11 @@ def _stage2(run: _Run, start: dict[str, Any], ckpt: Checkpoint | None) -> tuple[
             guidance.requires_grad_(False)
         labels = run.labels(batch)
         with run.autocast():
-            out = csd_loss(gen, guidance, teacher, noise(), labels, target_settings=run.target, alpha=s2.alpha,
-                           timesteps=timesteps, weighting=s2.weighting, draws=s2.generator_draws, generator=run.gen_train,
-                           position_weights_N=position_w, **score_kw)
+            out = csd_loss(trained_gen, guidance, teacher, noise(), labels, target_settings=run.target,
+                           alpha=s2.alpha, timesteps=timesteps, weighting=s2.weighting, draws=s2.generator_draws,
+                           generator=run.gen_train, position_weights_N=position_w, **score_kw)
         opt_g.zero_grad(set_to_none=True)
-        with run.averaged(gen.parameters()):
-            out.loss.backward()
+        out.loss.backward()
         if run.sharded:  # the frozen guidance received gradients; drop them (Adam never sees them)
             opt_psi.zero_grad(set_to_none=True)
         else:

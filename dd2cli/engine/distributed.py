@@ -1,17 +1,14 @@
 """Data parallelism under `torchrun` (gloo on CPU, NCCL on CUDA); a no-op in a single process.
 
-Gradients are averaged in flat buckets while each backward pass runs (`overlapped_averaging`): what
-DistributedDataParallel computes, written out so it works with the alternating optimisers and frozen networks
-of stage 2 and with losses that call the networks' methods rather than their forward. Rank 0 writes every
-file, except the shards of an FSDP checkpoint.
+Data parallel is torch's `DistributedDataParallel` (`data_parallel`): each trainable network is wrapped while
+it trains, and the losses call the wrapper's forward. Rank 0 writes every file, except the shards of an FSDP
+checkpoint.
 """
 
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -53,145 +50,36 @@ def broadcast_module(module: torch.nn.Module, info: DistInfo) -> None:
             dist.broadcast(t.data, src=0)
 
 
-#: small gradients (norms, biases: most of a transformer's tensors, few of its floats) are all-reduced in flat
-#: buckets of about this many bytes; a tensor of a quarter of that or more goes on its own (copying it into a
-#: bucket would cost more than the call it saves). Every call is in flight at once.
-BUCKET_BYTES = 25 * 1024 * 1024
+def data_parallel(module: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
+    """`module` wrapped in torch's `DistributedDataParallel` (itself in a single process): calling the wrapper runs
+    `module.forward`, and the backward pass that follows averages the gradients of the parameters that require
+    one, bucket by bucket while it runs.
 
+    Build the wrapper after fixing which parameters train, and build it again when that changes (VAR's head-only
+    phase ends); calling `module` itself bypasses the wrapper (a frozen network, a forward without gradients).
 
-def average_gradients(params, info: DistInfo, bucket_bytes: int = BUCKET_BYTES) -> None:
-    """Average every rank's gradients (data parallel): large tensors all-reduced in place, small ones in flat
-    buckets of one dtype and device, all collectives in flight together. The same sums as one blocking
-    all-reduce per tensor, bit for bit (tests/test_distributed.py; benchmarks/bench_allreduce.py times both)."""
-    if not info.enabled:
-        return
-    alone: list[torch.Tensor] = []
-    buckets: dict[tuple, list[list[torch.Tensor]]] = {}
-    for p in params:
-        g = p.grad
-        if g is None:
-            continue
-        if g.nbytes * 4 >= bucket_bytes:
-            alone.append(g)
-            continue
-        groups = buckets.setdefault((g.dtype, g.device), [[]])
-        if groups[-1] and sum(t.nbytes for t in groups[-1]) + g.nbytes > bucket_bytes:
-            groups.append([])
-        groups[-1].append(g)
-    flats = [(grads, torch.cat([t.reshape(-1) for t in grads])) for groups in buckets.values() for grads in groups]
-    works = [dist.all_reduce(t, op=dist.ReduceOp.SUM, async_op=True) for t in alone]
-    works += [dist.all_reduce(flat, op=dist.ReduceOp.SUM, async_op=True) for _, flat in flats]
-    for w in works:
-        w.wait()
-    for t in alone:
-        t.div_(info.world_size)
-    for grads, flat in flats:
-        _average_back(grads, flat, info.world_size)
-
-
-def _average_back(grads: list[torch.Tensor], flat: torch.Tensor, world_size: int) -> None:
-    """Divide an all-reduced flat bucket by the world size and copy each gradient's slice back into it."""
-    flat.div_(world_size)
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset: offset + g.numel()].view_as(g))
-        offset += g.numel()
-
-
-class OverlappedAveraging:
-    """Averages the gradients of `params` over the ranks while the backward pass that produces them runs, the way
-    DistributedDataParallel does, without wrapping the networks (the losses call their `features` / `velocity`
-    methods, which a DDP wrapper's forward would not see).
-
-    The parameters that require a gradient are grouped once into buckets of about `bucket_bytes` (one dtype and
-    device each; a tensor of a quarter of that or more alone), in reverse order: a backward pass produces the last
-    layers' gradients first. A hook on each parameter counts its bucket down as its gradient is accumulated; a
-    full bucket's all-reduce starts at once, while the backward goes on, and buckets start in the same order on
-    every rank (a full bucket waits for the ones before it). `finish()` starts what is left (parameters the graph
-    did not reach), waits, and writes the averages back. The sums are those of `average_gradients`, bit for bit.
-
-        with overlapped_averaging(model.parameters(), info):
-            loss.backward()
+    - `static_graph`: every update uses the same parameters, and some never get a gradient (a backbone's
+      parameters that the features do not use); the wrapper finds them in its first backward instead of
+      searching the graph after every forward.
+    - `gradient_as_bucket_view`: the gradients live in the all-reduce buckets, so data parallel costs no second
+      copy of them (what `dd2 distill --dry-run` assumes).
+    - buffers are not synchronised in each forward: they are constants here, equal on every rank from the start.
     """
-
-    def __init__(self, params, info: DistInfo, bucket_bytes: int = BUCKET_BYTES) -> None:
-        self.info = info
-        self.buckets: list[list[torch.nn.Parameter]] = []
-        size = 0
-        for p in reversed([p for p in params if p.requires_grad]):
-            nbytes = p.numel() * p.element_size()
-            last = self.buckets[-1] if self.buckets else None
-            joins = (last is not None and nbytes * 4 < bucket_bytes and last[0].numel() * last[0].element_size() * 4
-                     < bucket_bytes and (last[0].dtype, last[0].device) == (p.dtype, p.device)
-                     and size + nbytes <= bucket_bytes)
-            if joins:
-                last.append(p)
-                size += nbytes
-            else:
-                self.buckets.append([p])
-                size = nbytes
-        self.bucket_of = {id(p): i for i, bucket in enumerate(self.buckets) for p in bucket}
-        self.waiting = [len(b) for b in self.buckets]
-        self.started = 0  # buckets 0 .. started-1 have their all-reduce in flight
-        self.in_flight: list[tuple[list[torch.Tensor], torch.Tensor, object]] = []
-        self.hooks = [p.register_post_accumulate_grad_hook(self._ready) for b in self.buckets for p in b]
-
-    def _ready(self, p: torch.nn.Parameter) -> None:
-        i = self.bucket_of[id(p)]
-        self.waiting[i] -= 1
-        while self.started < len(self.buckets) and self.waiting[self.started] <= 0:
-            self._start(self.started)
-
-    def _start(self, i: int) -> None:
-        self.started = i + 1
-        grads = [p.grad for p in self.buckets[i] if p.grad is not None]
-        if not grads:  # (every rank ran the same graph: the same buckets are empty everywhere)
-            return
-        flat = grads[0] if len(grads) == 1 else torch.cat([g.reshape(-1) for g in grads])
-        self.in_flight.append((grads, flat, dist.all_reduce(flat, op=dist.ReduceOp.SUM, async_op=True)))
-
-    def finish(self) -> None:
-        self.remove()
-        while self.started < len(self.buckets):
-            self._start(self.started)
-        for grads, flat, work in self.in_flight:
-            work.wait()
-            if len(grads) > 1:
-                _average_back(grads, flat, self.info.world_size)
-            else:  # (reduced in place)
-                flat.div_(self.info.world_size)
-        self.in_flight = []
-
-    def remove(self) -> None:
-        for h in self.hooks:
-            h.remove()
-        self.hooks = []
-
-
-@contextmanager
-def overlapped_averaging(params, info: DistInfo, bucket_bytes: int = BUCKET_BYTES) -> Iterator[None]:
-    """Run a backward pass inside: its gradients of `params` are averaged over the ranks on exit (a no-op in one
-    process). See `OverlappedAveraging`."""
     if not info.enabled:
-        yield
-        return
-    averaging = OverlappedAveraging(params, info, bucket_bytes)
-    try:
-        yield
-    except BaseException:
-        averaging.remove()  # (the other ranks fail at their next collective; nothing to average)
-        raise
-    averaging.finish()
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    buffers = {"forward_sync_buffers": False} if _ddp_has_forward_sync_buffers() else {"broadcast_buffers": False}
+    return DistributedDataParallel(module, static_graph=True, gradient_as_bucket_view=True, **buffers)
 
 
-def average_gradients_per_tensor(params, info: DistInfo) -> None:
-    """One all-reduce per tensor: the reference `average_gradients` is measured and tested against."""
-    if not info.enabled:
-        return
-    for p in params:
-        if p.grad is not None:
-            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-            p.grad.div_(info.world_size)
+def _ddp_has_forward_sync_buffers() -> bool:
+    """Newer torch renames `broadcast_buffers` (and warns about the old name)."""
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    return "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
 
 
 def average_scalar(value: float, info: DistInfo) -> float:

@@ -47,6 +47,7 @@ def quality_report(run_dir: Path, n: int, device: str = "auto", batch_size: int 
     folders: dict[str, Path] = {}
     for name, req in requests.items():
         req.n, req.labels, req.batch_size, req.device, req.out = n, "balanced", batch_size, device, out / name
+        req.distributed = False  # (under torchrun only rank 0 reports: the run's process group is gone)
         if on_message is not None:
             on_message(f"quality check: {n} images from the {name} sampler")
         res = sample_run(req)

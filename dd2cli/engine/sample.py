@@ -51,7 +51,7 @@ from ..teacher import nearest_codebook
 from ..version import __version__
 from .bundle import load_bundle
 from .checkpoint import checkpoint_fingerprint
-from .distributed import barrier, cleanup, init_from_env
+from .distributed import DistInfo, barrier, cleanup, init_from_env
 from .labels import LabelSchedule, index_seed
 from .progress import Progress
 from .runs import find_latest_run, load_generator_from_run, new_folder
@@ -100,6 +100,9 @@ class SampleRequest:
     device: str = "auto"
     precision: str = "fp32"  # fp32 | bf16 (CUDA autocast; changes the images, so it is part of the settings)
     compile: bool = False  # torch.compile the one-step generator (same images up to kernel rounding)
+    #: shard the set over the torchrun processes (from the environment); False: this process alone, as rank 0
+    #: does for the quality report at the end of `dd2 distill` after the others have finished
+    distributed: bool = True
 
 
 @dataclass
@@ -321,7 +324,7 @@ def run(req: SampleRequest, progress: Progress | None = None) -> SampleResult:
     device = resolve_device(req.device)
 
     check_precision(req.precision, device)  # before loading anything
-    dist = init_from_env(device)
+    dist = init_from_env(device) if req.distributed else DistInfo()
     if dist.enabled and device.startswith("cuda"):
         device = f"cuda:{dist.local_rank}"
         torch.cuda.set_device(device)
