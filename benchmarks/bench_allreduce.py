@@ -84,10 +84,9 @@ def _worker(rank: int, world: int, init_file: str, args, queue) -> None:
     callers = {"per-tensor": nets["per-tensor"], "ddp": DistributedDataParallel(nets["ddp"]),
                "dd2": data_parallel(nets["dd2"], DistInfo(rank=rank, world_size=world, local_rank=rank))}
     times: dict[str, list[float]] = {name: [] for name in CONTENDERS}
-    order = list(CONTENDERS)
     for r in range(args.repeats + 1):
-        first = r % len(order)
-        for name in order[first:] + order[:first]:
+        first = r % len(CONTENDERS)
+        for name in CONTENDERS[first:] + CONTENDERS[:first]:
             dist.barrier()
             t0 = time.perf_counter()
             for _ in range(steps):

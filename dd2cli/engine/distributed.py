@@ -58,8 +58,8 @@ def data_parallel(module: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
     Build the wrapper after fixing which parameters train, and build it again when that changes (VAR's head-only
     phase ends); calling `module` itself bypasses the wrapper (a frozen network, a forward without gradients).
 
-    - `static_graph`: every update uses the same parameters, and some never get a gradient (a backbone's
-      parameters that the features do not use); the wrapper finds them in its first backward instead of
+    - `static_graph`: every update uses the same parameters; a family's backbone may hold some that never get a
+      gradient (the bundled ones hold none), and the wrapper finds those in its first backward instead of
       searching the graph after every forward.
     - `gradient_as_bucket_view`: the gradients live in the all-reduce buckets, so data parallel costs no second
       copy of them (what `dd2 distill --dry-run` assumes).
